@@ -99,6 +99,9 @@ class Dataset(Model):
     format: DataFormat | None = Field(None, description="File format; inferred from the extension when absent.")
     text_column: str = Field("text", description="Column with the input text.")
     label_column: str = Field("label", description="Column with the class label (text-classification).")
+    label_names: dict[str, str] = Field(
+        default_factory=dict, description="Display names for label values, e.g. {'0': negative, '1': positive}."
+    )
     prompt_column: str | None = Field(None, description="Column with the prompt (causal-lm).")
     completion_column: str | None = Field(None, description="Column with the target completion (causal-lm).")
     messages_column: str | None = Field(

@@ -1,0 +1,83 @@
+"""`finetune run -f JOB`: the whole flow on this machine — train, evaluate, quality gate, serve.
+
+    finetune run -f job.yaml                   # trains into runs/<name>/, then serves on :8080
+    finetune run -f job.yaml --no-serve        # stop after the gate
+
+The quality gate is the operator's own (`finetune.operator.gate`), so a model rejected in the cluster
+is rejected here too. Exit codes: 0 served or passed; 2 bad spec or data; 3 rejected by the gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from finetune.spec import FineTuneJob, load_job
+
+log = logging.getLogger(__name__)
+EXIT_REJECTED = 3
+
+
+def flat_test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.get("test", {}).items() if isinstance(v, int | float)}
+
+
+def train_and_gate(job_file: str, output: Path, processes: int) -> tuple[FineTuneJob, int, dict[str, Any]]:
+    """Train, then apply spec.promotion; returns the job, an exit code and the metrics."""
+    from finetune.operator.gate import evaluate_gate
+    from finetune.trainer.cli import run_training
+
+    job = load_job(job_file)
+    code = run_training(job_file, str(output), processes)
+    if code != 0:
+        return job, code, {}
+    metrics = json.loads((output / "metrics.json").read_text())
+    decision = evaluate_gate(job.spec.promotion, metrics["headline_metric"], flat_test_metrics(metrics))
+    log.info("quality gate: %s", decision.reason)
+    if not decision.ok:
+        sys.stderr.write(f"finetune run: rejected by the quality gate: {decision.reason}\n")
+        return job, EXIT_REJECTED, metrics
+    return job, 0, metrics
+
+
+def server_settings(job: FineTuneJob, model_dir: Path, host: str, port: int) -> Any:
+    from finetune.server.settings import ServerSettings
+
+    s = job.spec.serving
+    return ServerSettings(model_dir=model_dir, host=host, port=port, name=job.metadata.name,
+                          max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms)
+
+
+def _run(args: argparse.Namespace) -> int:
+    job = load_job(args.file)
+    output = Path(args.output or Path("runs") / job.metadata.name)
+    job, code, metrics = train_and_gate(args.file, output, args.processes)
+    if code != 0:
+        return code
+    test = flat_test_metrics(metrics)
+    sys.stdout.write(f"test metrics: {json.dumps({k: round(v, 4) for k, v in test.items()})}\n")
+    if args.no_serve or not job.spec.serving.enabled:
+        sys.stdout.write(f"model exported to {output}\n")
+        return 0
+    from finetune.server.serving import serve
+
+    url = f"http://{args.host}:{args.port}/v1/models/{job.metadata.name}"
+    sys.stdout.write(f"serving {output} at {url} (Ctrl-C to stop)\n")
+    sys.stdout.flush()
+    serve(server_settings(job, output, args.host, args.port))
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("run", help="train, evaluate, gate and serve a FineTuneJob on this machine")
+    p.add_argument("-f", "--file", required=True, help="FineTuneJob YAML")
+    p.add_argument("--output", help="output directory (default runs/<job name>)")
+    p.add_argument("--processes", type=int, default=1, help="local training processes")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on")
+    p.add_argument("--port", type=int, default=8080, help="port to serve on")
+    p.add_argument("--no-serve", action="store_true", help="stop after training and the quality gate")
+    p.set_defaults(func=_run)
