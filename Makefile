@@ -22,6 +22,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 lint: setup
@@ -30,6 +31,7 @@ lint: setup
 
 crd: setup
 	$(BIN)/finetune crd > manifests/crd.yaml
+	cp manifests/crd.yaml charts/finetune-operator/crds/finetunejobs.finetune.dev.yaml
 
 bench: setup
 	$(BIN)/python benchmarks/trainer_throughput.py

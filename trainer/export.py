@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,18 @@ def baseline_stats(task: str, lengths: Sequence[int], labels: Sequence[str] | No
     return {"task": task, "label_distribution": dist, "input_length": length_histogram(lengths)}
 
 
-def save_pretrained_atomic(model: Any, tokenizer: Any, output: Path) -> str:
-    """Write model and tokenizer next to each other in `output`; returns the weights' hash."""
+def save_pretrained_atomic(
+    model: Any, tokenizer: Any, output: Path, write: Callable[[Path], None] | None = None
+) -> str:
+    """Write model and tokenizer (or whatever `write(folder)` writes) into `output`; returns the weights' hash."""
     tmp = output / ".export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    if write is not None:
+        write(tmp)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     fsync_tree(tmp)
     version = content_hash(tmp)
     for path in tmp.iterdir():

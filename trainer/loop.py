@@ -119,7 +119,7 @@ class TrainLoop:
             self.acc.backward(loss)
             total_loss += float(loss.detach())
             samples += len(indices)
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            tokens += sum(self.task.lengths[i] for i in indices)  # real tokens, not padding
         if self.cfg.max_grad_norm:
             self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.opt.step()

@@ -122,21 +122,29 @@ def resume_or_start(accelerator: Any, output: Path) -> ckpt.TrainState:
     return state
 
 
-def save_weights(model: Any, folder: Path) -> None:
-    from safetensors.torch import save_model
+def save_weights(model: Any, folder: Path, trainable_only: bool = False) -> None:
+    """The best model so far, atomically; with LoRA only the adapter weights (the rest never change)."""
+    from safetensors.torch import save_file, save_model
 
     from finetune.trainer.atomic import publish_dir
 
     tmp = folder.with_name(f".tmp-{folder.name}")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    if trainable_only:
+        tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(tensors, str(tmp / "model.safetensors"))
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
     publish_dir(tmp, folder)
 
 
-def load_weights(model: Any, folder: Path) -> None:
-    from safetensors.torch import load_model
+def load_weights(model: Any, folder: Path, trainable_only: bool = False) -> None:
+    from safetensors.torch import load_file, load_model
 
-    load_model(model, str(folder / "model.safetensors"))
+    if trainable_only:
+        model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    else:
+        load_model(model, str(folder / "model.safetensors"))
 
 
 def export_classifier(

@@ -1,0 +1,220 @@
+"""kopf for real, in-process, against kmock's Kubernetes emulator.
+
+The emulator runs no controllers, so the tests play the Job controller, the kubelet and the
+Deployment controller by patching child status, then assert what the operator did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import kmock
+import kopf
+import pytest
+
+from finetune.operator import k8s, naming
+from finetune.operator.config import OperatorConfig
+from finetune.operator.testing import FastEmulator, declare, running_operator, server_url
+
+NS = "ml"
+FTJS = f"/apis/finetune.dev/v1alpha1/namespaces/{NS}/finetunejobs"
+JOBS = f"/apis/batch/v1/namespaces/{NS}/jobs"
+DEPLOYMENTS = f"/apis/apps/v1/namespaces/{NS}/deployments"
+FAST = OperatorConfig(
+    metrics_port=None,
+    watch_server_timeout=10,
+    worker_idle_timeout=0.5,
+    consistency_timeout=0.2,
+    retry_delay=0.5,
+)
+
+
+def spec(**overrides: Any) -> dict[str, Any]:
+    """A small valid spec; keyword arguments replace whole top-level sections."""
+    base: dict[str, Any] = {
+        "task": "text-classification",
+        "model": {"name": "distilbert-base-uncased"},
+        "dataset": {"train": {"path": "/workspace/data/train.tsv"}, "test": {"path": "/workspace/data/test.tsv"}},
+        "storage": {"claimName": "data"},
+        "training": {"epochs": 1},
+        "promotion": {"minValue": 0.8},
+        "serving": {"replicas": 2},
+    }
+    base.update(overrides)
+    return base
+
+
+def ftj(name: str, uid: str | None = None, **overrides: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": NS, "uid": uid or f"uid-{name}", "generation": 1,
+                     "resourceVersion": "1"},
+        "spec": spec(**overrides),
+    }
+
+
+@pytest.fixture()
+def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
+    """kmock's `kmock` fixture, with the emulator that stays fast for hundreds of objects."""
+    return {**kmock_options, "cls": FastEmulator}
+
+
+@pytest.fixture()
+def cluster(kmock: kmock.KubernetesEmulator) -> kmock.KubernetesEmulator:
+    declare(kmock, namespaces=(NS,))
+    kmock.objects["v1/persistentvolumeclaims", NS, "data"] = {"metadata": {"name": "data", "namespace": NS}}
+    return kmock
+
+
+@pytest.fixture()
+async def api(cluster: kmock.KubernetesEmulator) -> AsyncIterator[k8s.Api]:
+    """Our own client, used by the tests to act as controllers and the user."""
+    async with k8s.Api(k8s.Cluster(server=server_url(cluster))) as client:
+        yield client
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0, what: str = "") -> Any:
+    """Poll `check` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}; last: {last!r}")
+
+
+def pod(job_name: str, owner: str, run: int, index: int, phase: str, terminated: dict[str, Any] | None,
+        conditions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A trainer pod as the Job controller and the kubelet would leave it."""
+    status: dict[str, Any] = {"phase": phase, "conditions": conditions or []}
+    if terminated is not None:
+        status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": terminated}}]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{job_name}-{index}-{phase.lower()}",
+            "namespace": NS,
+            "labels": {**naming.run_labels(owner, run), naming.COMPLETION_INDEX: str(index)},
+            "annotations": {naming.COMPLETION_INDEX: str(index)},
+        },
+        "status": status,
+    }
+
+
+class Kube:
+    """The user and the missing controllers, acting through real HTTP on the emulator."""
+
+    def __init__(self, emulator: kmock.KubernetesEmulator, api: k8s.Api) -> None:
+        self.emulator = emulator
+        self.api = api
+
+    spec = staticmethod(spec)
+    ftj = staticmethod(ftj)
+    eventually = staticmethod(eventually)
+
+    def operator(self, **overrides: Any) -> contextlib.AbstractAsyncContextManager[kopf.Memo]:
+        """Run an operator (FAST settings, with `overrides`) for the duration of an `async with`."""
+        return running_operator(self.emulator, dataclasses.replace(FAST, **overrides))
+
+    async def create(self, name: str, **overrides: Any) -> dict[str, Any]:
+        return await self.api.create(ftj(name, **overrides))
+
+    async def get(self, path: str) -> dict[str, Any] | None:
+        return await self.api.get(path)
+
+    async def status(self, name: str) -> dict[str, Any]:
+        body = await self.api.get(f"{FTJS}/{name}")
+        return (body or {}).get("status") or {}
+
+    async def wait_phase(self, name: str, phase: str, timeout: float = 10.0) -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            status = await self.status(name)
+            return status if status.get("phase") == phase else None
+
+        return await eventually(check, timeout, f"{name} phase {phase}")  # type: ignore[no-any-return]
+
+    async def wait_job(self, name: str, run: int = 1) -> dict[str, Any]:
+        path = f"{JOBS}/{naming.trainer_name(name, run)}"
+        job: dict[str, Any] = await eventually(lambda: self.api.get(path), what=f"trainer Job of {name} run {run}")
+        return job
+
+    async def edit(self, name: str, **spec_changes: Any) -> None:
+        """The user edits the spec (kmock does not count generations, so the edit bumps it)."""
+        body = await self.api.get(f"{FTJS}/{name}")
+        assert body is not None
+        generation = int(body["metadata"].get("generation") or 1) + 1
+        await self.api.merge_patch(f"{FTJS}/{name}", {"metadata": {"generation": generation}, "spec": spec_changes})
+
+    async def delete(self, name: str) -> None:
+        await self.api.delete(f"{FTJS}/{name}")
+
+    def events(self, name: str) -> list[tuple[str, str, str]]:
+        """(type, reason, message) of the Events on one FineTuneJob, oldest first."""
+        found = []
+        for (res, _ns, key), obj in self.emulator.objects.items():
+            mine = obj.get("involvedObject", {}).get("name") == name if not obj.deleted else False
+            if getattr(res, "plural", None) == "events" and mine and obj.get("reason"):
+                found.append((key, obj["type"], obj["reason"], obj["message"]))
+        return [item[1:] for item in sorted(found)]
+
+    def live(self, plural: str, prefix: str = "") -> list[str]:
+        """Names of live objects of one resource (by plural) in the emulator's store."""
+        return sorted(
+            key for (res, ns, key), obj in self.emulator.objects.items()
+            if getattr(res, "plural", None) == plural and not obj.deleted and key.startswith(prefix)
+        )
+
+    def stored(self, plural: str, name: str) -> dict[str, Any]:
+        for (res, _ns, key), obj in self.emulator.objects.items():
+            if getattr(res, "plural", None) == plural and key == name and not obj.deleted:
+                return dict(obj.raw)
+        raise AssertionError(f"no live {plural}/{name}")
+
+    async def set_job_status(self, job_name: str, status: dict[str, Any]) -> None:
+        await self.api.merge_patch(f"{JOBS}/{job_name}/status", {"status": status})
+
+    async def fail_pod(self, owner: str, run: int, index: int, code: int, message: str,
+                       conditions: list[dict[str, Any]] | None = None) -> None:
+        job_name = naming.trainer_name(owner, run)
+        await self.api.create(pod(job_name, owner, run, index, "Failed", {"exitCode": code, "message": message},
+                                  conditions))
+
+    async def finish_training(self, owner: str, run: int = 1, metrics: dict[str, float] | None = None) -> str:
+        """Kubelet + Job controller: rank 0 writes its result, then the Job completes."""
+        job_name = naming.trainer_name(owner, run)
+        path = f"/workspace/{owner}/run-{run}"
+        message = json.dumps({"modelPath": path, "metrics": metrics or {"f1": 0.9, "accuracy": 0.91},
+                              "headlineMetric": "f1"})
+        await self.api.create(pod(job_name, owner, run, 0, "Succeeded", {"exitCode": 0, "message": message}))
+        await self.set_job_status(job_name, {"active": 0, "succeeded": 1, "conditions": [
+            {"type": "Complete", "status": "True"}]})
+        return path
+
+    async def roll_out(self, owner: str, replicas: int = 2) -> None:
+        """Deployment controller: every replica updated and available."""
+        name = naming.server_name(owner)
+        await eventually(lambda: self.api.get(f"{DEPLOYMENTS}/{name}"), what=f"Deployment {name}")
+        await self.api.merge_patch(f"{DEPLOYMENTS}/{name}/status", {"status": {
+            "replicas": replicas, "updatedReplicas": replicas, "availableReplicas": replicas,
+            "readyReplicas": replicas}})
+
+
+@pytest.fixture()
+async def kube(cluster: kmock.KubernetesEmulator, api: k8s.Api) -> Kube:
+    return Kube(cluster, api)
+
+
+@pytest.fixture()
+async def running(kube: Kube) -> AsyncIterator[kopf.Memo]:
+    async with kube.operator() as memo:
+        yield memo

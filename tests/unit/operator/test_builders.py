@@ -1,0 +1,336 @@
+"""Every child manifest validates against the Kubernetes schemas, and says what the issue asks."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from finetune.operator import builders, naming
+from finetune.spec import FineTuneJob
+
+K8S_VERSION = "1.31"
+UID = "0b7c-uid"
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "single-gpu": {},
+    "cpu-only": {"resources": {"gpusPerNode": 0}},
+    "multi-node-lora": {
+        "task": "causal-lm",
+        "dataset": {"promptColumn": "prompt", "completionColumn": "completion"},
+        "training": {"method": "lora"},
+        "resources": {
+            "nodes": 4,
+            "gpusPerNode": 8,
+            "cpu": "32",
+            "memory": "256Gi",
+            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["gpu"]}]}
+                        ]
+                    }
+                }
+            },
+            "priorityClassName": "training",
+        },
+        "scheduling": {"activeDeadlineSeconds": 86400, "ttlSecondsAfterFinished": 3600, "backoffLimit": 5},
+    },
+    "kueue": {"scheduling": {"queueName": "team-a"}},
+    "own-service-account": {"resources": {"serviceAccountName": "trainer-sa"}},
+    "autoscaled-monitored": {
+        "serving": {"replicas": 2, "maxReplicas": 6, "cpu": "2", "memory": "4Gi", "gpus": 1, "authSecretName": "tok"},
+        "monitoring": {"serviceMonitor": True},
+        "image": "registry.example.com/finetune:dev",
+    },
+    "long-name": {},
+}
+
+
+def all_objects(job: FineTuneJob) -> list[dict[str, Any]]:
+    objs = [
+        builders.build_spec_configmap(job, uid=UID, run=3),
+        builders.build_headless_service(job, uid=UID, run=3),
+        builders.build_trainer_job(job, uid=UID, run=3),
+        *builders.build_trainer_rbac(job, uid=UID),
+        builders.build_serving_deployment(job, uid=UID, model_path="/workspace/m/run-3"),
+        builders.build_serving_service(job, uid=UID),
+        builders.build_pdb(job, uid=UID),
+    ]
+    hpa = builders.build_hpa(job, uid=UID)
+    return objs + ([hpa] if hpa else [])
+
+
+def variant(job_builder: Callable[..., FineTuneJob], name: str) -> FineTuneJob:
+    job_name = "a" * 63 if name == "long-name" else "sst2"
+    return job_builder(name=job_name, **VARIANTS[name])
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_object_is_valid_kubernetes(job_builder: Callable[..., FineTuneJob], name: str) -> None:
+    job = variant(job_builder, name)
+    for obj in all_objects(job):
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        meta = obj["metadata"]
+        assert DNS_LABEL.match(meta["name"]) and len(meta["name"]) <= 63, meta["name"]
+        assert meta["namespace"] == "ml"
+        assert meta["ownerReferences"] == [builders.owner_reference(job, UID)]
+        assert meta["labels"][naming.LABEL_MANAGED_BY] == naming.MANAGER
+        assert meta["labels"][naming.LABEL_INSTANCE] == job.metadata.name
+
+
+def test_the_validator_rejects_a_broken_object(job_builder: Callable[..., FineTuneJob]) -> None:
+    trainer = builders.build_trainer_job(job_builder(), uid=UID, run=1)
+    trainer["spec"]["template"]["spec"]["containers"][0]["gpus"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(trainer, K8S_VERSION, strict=True)
+
+
+def launch_flags(cmd: list[str]) -> tuple[dict[str, str], set[str], list[str]]:
+    """`accelerate launch` flags with values, switches, and the module's own argv."""
+    assert cmd[:2] == ["accelerate", "launch"]
+    module_at = cmd.index("-m")
+    values: dict[str, str] = {}
+    switches: set[str] = set()
+    args = cmd[2:module_at]
+    i = 0
+    while i < len(args):
+        if i + 1 < len(args) and not args[i + 1].startswith("--"):
+            values[args[i]] = args[i + 1]
+            i += 2
+        else:
+            switches.add(args[i])
+            i += 1
+    return values, switches, cmd[module_at:]
+
+
+@pytest.mark.parametrize(
+    ("resources", "machines", "processes", "switches"),
+    [
+        ({}, "1", "1", set()),
+        ({"gpusPerNode": 0}, "1", "1", {"--cpu"}),
+        ({"gpusPerNode": 4}, "1", "4", {"--multi_gpu"}),
+        ({"nodes": 3, "gpusPerNode": 8}, "3", "24", {"--multi_gpu"}),
+        ({"nodes": 2, "gpusPerNode": 0}, "2", "2", {"--cpu"}),
+        ({"nodes": 2, "gpusPerNode": 1}, "2", "2", {"--multi_gpu"}),
+    ],
+)
+def test_accelerate_launch_command(
+    job_builder: Callable[..., FineTuneJob],
+    resources: dict[str, int],
+    machines: str,
+    processes: str,
+    switches: set[str],
+) -> None:
+    trainer = builders.build_trainer_job(job_builder(resources=resources), uid=UID, run=2)
+    values, found, module = launch_flags(trainer["spec"]["template"]["spec"]["containers"][0]["command"])
+    assert values == {
+        "--num_machines": machines,
+        "--machine_rank": "$(JOB_COMPLETION_INDEX)",
+        "--main_process_ip": "sst2-train-2-0.sst2-train-2",
+        "--main_process_port": "29500",
+        "--num_processes": processes,
+    }
+    assert found == switches
+    assert module == ["-m", "finetune.trainer.entry", "--job", "/etc/finetune/job.yaml", "--output",
+                      "/workspace/sst2/run-2"]
+
+
+def test_trainer_job_shape(job_builder: Callable[..., FineTuneJob]) -> None:
+    job = job_builder(**VARIANTS["multi-node-lora"])
+    trainer = builders.build_trainer_job(job, uid=UID, run=1, image="img:1")
+    spec = trainer["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == 4
+    assert spec["suspend"] is False
+    assert spec["backoffLimit"] == 5
+    assert spec["activeDeadlineSeconds"] == 86400
+    assert spec["ttlSecondsAfterFinished"] == 3600
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["subdomain"] == "sst2-train-1"
+    assert pod["serviceAccountName"] == "sst2-trainer"
+    assert pod["priorityClassName"] == "training"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "nodeAffinity" in pod["affinity"]
+    container = pod["containers"][0]
+    assert container["image"] == "img:1"
+    assert container["resources"]["limits"] == {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": "8"}
+    assert container["resources"]["requests"] == container["resources"]["limits"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["FINETUNE_JOB_NAME"] == "sst2"
+    assert env["FINETUNE_JOB_NAMESPACE"] == "ml"
+    assert env["HF_HOME"] == "/workspace/.cache/huggingface"
+    assert env["FINETUNE_METRICS_PORT"] == "9090"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == {"job-spec": "/etc/finetune", "workspace": "/workspace", "dshm": "/dev/shm", "tmp": "/tmp"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["workspace"]["persistentVolumeClaim"] == {"claimName": "data"}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    assert volumes["job-spec"]["configMap"] == {"name": "sst2-train-1"}
+    assert container["terminationMessagePath"] == "/dev/termination-log"
+    sc = container["securityContext"]
+    assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc["runAsUser"] == 1000
+
+
+def test_kueue_job_starts_suspended_with_the_queue_label(job_builder: Callable[..., FineTuneJob]) -> None:
+    trainer = builders.build_trainer_job(job_builder(**VARIANTS["kueue"]), uid=UID, run=1)
+    assert trainer["spec"]["suspend"] is True
+    assert trainer["metadata"]["labels"][naming.KUEUE_QUEUE_LABEL] == "team-a"
+
+
+def test_spec_image_wins_over_the_operator_default(job_builder: Callable[..., FineTuneJob]) -> None:
+    job = job_builder(image="mine:2")
+    assert builders.build_trainer_job(job, uid=UID, run=1, image="default:1")["spec"]["template"]["spec"][
+        "containers"
+    ][0]["image"] == "mine:2"
+
+
+def test_headless_service_selects_the_runs_pods(job_builder: Callable[..., FineTuneJob]) -> None:
+    job = job_builder()
+    svc = builders.build_headless_service(job, uid=UID, run=2)
+    pod_labels = builders.build_trainer_job(job, uid=UID, run=2)["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["metadata"]["name"] == "sst2-train-2"
+    assert all(pod_labels[k] == v for k, v in svc["spec"]["selector"].items())
+
+
+def test_spec_configmap_holds_the_whole_job(job_builder: Callable[..., FineTuneJob]) -> None:
+    import yaml
+
+    from finetune.spec import parse_job
+
+    job = job_builder(training={"epochs": 2})
+    cm = builders.build_spec_configmap(job, uid=UID, run=1)
+    doc = yaml.safe_load(cm["data"]["job.yaml"])
+    assert doc["apiVersion"] == "finetune.dev/v1alpha1" and doc["kind"] == "FineTuneJob"
+    assert doc["metadata"]["name"] == "sst2"
+    assert parse_job(doc).spec == job.spec
+    assert cm["metadata"]["annotations"][naming.ANNOTATION_TRAINING_HASH] == builders.training_hash(job.spec)
+
+
+def test_rbac_is_limited_to_the_jobs_own_status(job_builder: Callable[..., FineTuneJob]) -> None:
+    sa, role, binding = builders.build_trainer_rbac(job_builder(), uid=UID)
+    assert sa["kind"] == "ServiceAccount"
+    assert role["rules"] == [
+        {
+            "apiGroups": ["finetune.dev"],
+            "resources": ["finetunejobs/status"],
+            "resourceNames": ["sst2"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "sst2-trainer", "namespace": "ml"}]
+    own = builders.build_trainer_rbac(job_builder(**VARIANTS["own-service-account"]), uid=UID)
+    assert [o["kind"] for o in own] == ["Role", "RoleBinding"]
+    assert own[1]["subjects"][0]["name"] == "trainer-sa"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "retrains"),
+    [
+        ("training", {"epochs": 5}, True),
+        ("dataset", {"train": {"path": "/workspace/other.tsv"}}, True),
+        ("image", "other:1", True),
+        ("serving", {"replicas": 5}, False),
+        ("promotion", {"minValue": 0.5}, False),
+        ("monitoring", {"serviceMonitor": True}, False),
+        ("resources", {"nodes": 2}, False),
+    ],
+)
+def test_training_hash_changes_only_with_training_fields(
+    job_builder: Callable[..., FineTuneJob], field: str, value: Any, retrains: bool
+) -> None:
+    before = builders.training_hash(job_builder().spec)
+    after = builders.training_hash(job_builder(**{field: value}).spec)
+    assert (before != after) is retrains
+
+
+def test_output_dir(job_builder: Callable[..., FineTuneJob]) -> None:
+    assert builders.output_dir(job_builder(), 4) == "/workspace/sst2/run-4"
+    assert builders.output_dir(job_builder(storage={"outputPath": "/workspace/out/"}), 4) == "/workspace/out"
+
+
+def test_serving_deployment(job_builder: Callable[..., FineTuneJob]) -> None:
+    job = job_builder(serving={"replicas": 3, "cpu": "2", "memory": "4Gi"})
+    dep = builders.build_serving_deployment(job, uid=UID, model_path="/workspace/sst2/run-1", image="img:1")
+    spec = dep["spec"]
+    assert spec["replicas"] == 3
+    assert spec["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    container = spec["template"]["spec"]["containers"][0]
+    assert container["command"] == [
+        "finetune", "serve", "--model", "/workspace/sst2/run-1", "--host", "0.0.0.0", "--port", "8080",
+        "--name", "sst2", "--feedback-path", "/workspace/sst2/feedback/feedback.jsonl",
+    ]  # fmt: skip
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["ports"] == [{"name": "http", "containerPort": 8080}]
+    assert container["resources"]["requests"] == {"cpu": "2", "memory": "4Gi"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    notes = spec["template"]["metadata"]["annotations"]
+    assert notes["prometheus.io/scrape"] == "true" and notes["prometheus.io/port"] == "8080"
+    assert notes[naming.ANNOTATION_MODEL] == "/workspace/sst2/run-1"
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+
+
+def test_new_model_changes_only_the_pod_template(job_builder: Callable[..., FineTuneJob]) -> None:
+    job = job_builder()
+    old = builders.build_serving_deployment(job, uid=UID, model_path="/workspace/sst2/run-1")
+    new = builders.build_serving_deployment(job, uid=UID, model_path="/workspace/sst2/run-2")
+    assert old["spec"]["selector"] == new["spec"]["selector"]
+    assert old["spec"]["template"] != new["spec"]["template"]
+    assert builders.stamp_hash(old)["metadata"]["annotations"][naming.ANNOTATION_HASH] != builders.stamp_hash(new)[
+        "metadata"
+    ]["annotations"][naming.ANNOTATION_HASH]
+
+
+def test_autoscaling_leaves_replicas_to_the_hpa(job_builder: Callable[..., FineTuneJob]) -> None:
+    job = job_builder(**VARIANTS["autoscaled-monitored"])
+    dep = builders.build_serving_deployment(job, uid=UID, model_path="/workspace/m")
+    assert "replicas" not in dep["spec"]
+    hpa = builders.build_hpa(job, uid=UID)
+    assert hpa is not None
+    assert hpa["spec"]["minReplicas"] == 2 and hpa["spec"]["maxReplicas"] == 6
+    assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["FINETUNE_SERVE_AUTH_TOKEN_FILE"] == "/etc/finetune-auth/token"
+    assert env["FINETUNE_SERVE_MAX_BATCH_SIZE"] == "32"
+    volume = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "auth")
+    assert volume["secret"] == {"secretName": "tok", "items": [{"key": "token", "path": "token"}]}
+    assert builders.build_hpa(job_builder(), uid=UID) is None
+
+
+@pytest.mark.parametrize(("replicas", "budget"), [(1, {"maxUnavailable": 1}), (3, {"minAvailable": 1})])
+def test_pdb_never_blocks_a_drain_of_a_lone_replica(
+    job_builder: Callable[..., FineTuneJob], replicas: int, budget: dict[str, int]
+) -> None:
+    pdb = builders.build_pdb(job_builder(serving={"replicas": replicas}), uid=UID)
+    assert {k: v for k, v in pdb["spec"].items() if k != "selector"} == budget
+
+
+def test_service_and_monitor_select_the_server(job_builder: Callable[..., FineTuneJob]) -> None:
+    job = job_builder(**VARIANTS["autoscaled-monitored"])
+    svc = builders.build_serving_service(job, uid=UID)
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    monitor = builders.build_service_monitor(job, uid=UID)
+    assert monitor is not None
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"]["matchLabels"] == svc["metadata"]["labels"]
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    assert builders.build_service_monitor(job_builder(), uid=UID) is None

@@ -1,0 +1,144 @@
+"""Causal-LM SFT from spec to export: completion-only loss, packed batches, optional LoRA, generation eval."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune.spec import FineTuneJob
+from finetune.trainer import checkpoint as ckpt
+from finetune.trainer.batching import eval_batches
+from finetune.trainer.causal import (
+    Feature,
+    encode_causal,
+    feature_lengths,
+    generation_examples,
+    load_causal_model,
+    prepare_tokenizer,
+)
+from finetune.trainer.data import DataError, prepare_data
+from finetune.trainer.export import baseline_stats, finish_export, save_pretrained_atomic
+from finetune.trainer.generation import generate_and_score, loss_sum, perplexity, write_samples
+from finetune.trainer.loop import LoopTask, TrainLoop
+from finetune.trainer.lora import apply_lora, export_lora
+from finetune.trainer.models import load_tokenizer
+from finetune.trainer.optim import build_optimizer, build_scheduler, plan_steps
+from finetune.trainer.packing import make_collator
+from finetune.trainer.pipeline import load_weights, resume_or_start, save_weights, termination_summary
+from finetune.trainer.report import Reporter
+
+log = logging.getLogger(__name__)
+EVAL_BATCH = 16
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def token_loss(accelerator: Any, model: Any, features: list[Feature], collate: Any) -> dict[str, float]:
+    """Token-weighted loss and perplexity over all processes' shares of `features`."""
+    import torch
+    from accelerate.utils import gather_object
+
+    net = accelerator.unwrap_model(model)  # plain module: ranks may run different batch counts
+    was_training = net.training
+    net.eval()
+    total, count = 0.0, 0
+    lengths = feature_lengths(features)
+    with torch.inference_mode():
+        for idx in eval_batches(lengths, EVAL_BATCH, accelerator.process_index, accelerator.num_processes):
+            batch = {k: v.to(accelerator.device) for k, v in collate([features[i] for i in idx]).items()}
+            with accelerator.autocast():
+                s, n = loss_sum(net, batch)
+            total, count = total + s, count + n
+    net.train(was_training)
+    parts = gather_object([(total, count)]) if accelerator.num_processes > 1 else [(total, count)]
+    loss = sum(p[0] for p in parts) / max(sum(p[1] for p in parts), 1)
+    return {"loss": loss, "perplexity": perplexity(loss)}
+
+
+def train_causal_lm(job: FineTuneJob, output: Path, accelerator: Any) -> dict[str, Any]:
+    """Fine-tune, evaluate and export a causal LM; returns the metrics written to metrics.json."""
+    spec, cfg = job.spec, job.spec.training
+    started = time.time()
+    data = prepare_data(spec)
+    tokenizer = prepare_tokenizer(load_tokenizer(spec.model))
+    train_f, report = encode_causal(data.train, tokenizer, cfg.max_length)
+    val_f, _ = encode_causal(data.validation, tokenizer, cfg.max_length)
+    test_f, _ = encode_causal(data.test, tokenizer, cfg.max_length)
+    if not train_f or not val_f:
+        raise DataError(f"training.maxLength {cfg.max_length}: no training or validation example fits; "
+                        "raise training.maxLength or shorten the data")
+    lora = cfg.method == "lora"
+    model = load_causal_model(spec.model)
+    if lora:
+        model = apply_lora(model, cfg.lora)
+    collate = make_collator(model, tokenizer, cfg.packing, cfg.max_length)
+    lengths = feature_lengths(train_f)
+    total = plan_steps(cfg, lengths, accelerator)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    best_dir = ckpt.checkpoint_root(output) / "best"
+    metric = spec.headline_metric
+    task = LoopTask(
+        lengths=lengths,
+        make_batch=lambda idx: collate([train_f[i] for i in idx]),
+        validate=lambda m: token_loss(accelerator, m, val_f, collate),
+        metric=metric,
+        higher_is_better=metric not in LOWER_IS_BETTER,
+        save_best=lambda m: save_weights(m, best_dir, trainable_only=lora),
+    )
+    reporter = Reporter(job.metadata.name, accelerator.is_main_process, cfg.log_steps)
+    loop = TrainLoop(accelerator, model, optimizer, scheduler, task, cfg, output, reporter)
+    state = loop.run(resume_or_start(accelerator, output))
+    reporter.close()
+
+    net = accelerator.unwrap_model(model)
+    if (best_dir / "model.safetensors").exists():
+        load_weights(net, best_dir, trainable_only=lora)
+    test = token_loss(accelerator, net, test_f, collate) if test_f else {}
+    metrics: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        examples = generation_examples(data.test, tokenizer, cfg.max_length, spec.evaluation.max_test_samples)
+        scores, samples = generate_and_score(net, tokenizer, examples, spec.evaluation.max_new_tokens)
+        write_samples(output / "samples.jsonl", samples)
+        test.update(scores)
+        test["support"] = len(examples)
+        version = save_pretrained_atomic(
+            net, tokenizer, output,
+            write=(lambda tmp: export_lora(net, tokenizer, tmp, spec.export.merge_adapters)) if lora else None,
+        )
+        metrics = causal_metrics(job, version, test, report.as_dict(), data.report, state, accelerator)
+        metrics["training"]["wall_time_seconds"] = round(time.time() - started, 2)
+        prompt_lengths = [len(e.prompt_ids) for e in generation_examples(data.train, tokenizer, cfg.max_length)]
+        finish_export(output, metrics, baseline_stats(spec.task, prompt_lengths or lengths, None))
+        reporter.finished(termination_summary(output, metrics))
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def causal_metrics(job: FineTuneJob, version: str, test: dict[str, float], encode: dict[str, int],
+                   data_report: dict[str, Any], state: ckpt.TrainState, accelerator: Any) -> dict[str, Any]:
+    best = next((h for h in state.history if h["step"] == state.best_step), {})
+    return {
+        "task": job.spec.task,
+        "name": job.metadata.name,
+        "model_version": version,
+        "headline_metric": job.spec.headline_metric,
+        "validation": {k: v for k, v in best.items() if k not in ("step", "epoch")},
+        "test": test,
+        "data": {**data_report, "tokenization": encode},
+        "training": {
+            "method": job.spec.training.method,
+            "world_size": accelerator.num_processes,
+            "samples_per_second": round(state.samples_seen / max(state.train_seconds, 1e-9), 2),
+            "tokens_per_second": round(state.tokens_seen / max(state.train_seconds, 1e-9), 1),
+            "train_seconds": round(state.train_seconds, 2),
+            "steps": state.global_step,
+            "best_step": state.best_step,
+            "epochs": state.epoch + (1 if state.batch_in_epoch else 0),
+            "stopped_early": state.stopped_early,
+            "mixed_precision": accelerator.mixed_precision,
+            "history": state.history,
+        },
+    }
