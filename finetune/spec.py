@@ -160,7 +160,7 @@ class Training(Model):
     max_length: int = Field(128, ge=8, le=32768, description="Tokens per example; longer inputs are truncated.")
     seed: int = Field(42, description="Seed for weights, shuffling and dropout.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on GPUs that support it, else fp16 on GPUs, fp32 on the CPU."
+        "auto", description="auto: bf16 where the GPU or CPU supports it natively, else fp16 on GPUs, fp32 on CPUs."
     )
     eval_steps: int | None = Field(None, ge=1, description="Validate every N steps; once per epoch when absent.")
     checkpoint_steps: int = Field(200, ge=1, description="Save a resumable checkpoint every N steps.")
