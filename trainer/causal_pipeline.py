@@ -26,7 +26,13 @@ from finetune.trainer.lora import apply_lora, export_lora
 from finetune.trainer.models import load_tokenizer
 from finetune.trainer.optim import build_optimizer, build_scheduler, plan_steps
 from finetune.trainer.packing import make_collator
-from finetune.trainer.pipeline import load_weights, resume_or_start, save_weights, termination_summary
+from finetune.trainer.pipeline import (
+    load_weights,
+    metrics_document,
+    resume_or_start,
+    save_weights,
+    termination_summary,
+)
 from finetune.trainer.report import Reporter
 
 log = logging.getLogger(__name__)
@@ -108,37 +114,11 @@ def train_causal_lm(job: FineTuneJob, output: Path, accelerator: Any) -> dict[st
             net, tokenizer, output,
             write=(lambda tmp: export_lora(net, tokenizer, tmp, spec.export.merge_adapters)) if lora else None,
         )
-        metrics = causal_metrics(job, version, test, report.as_dict(), data.report, state, accelerator)
+        data_report = {**data.report, "tokenization": report.as_dict()}
+        metrics = metrics_document(job, version, test, data_report, state, accelerator)
         metrics["training"]["wall_time_seconds"] = round(time.time() - started, 2)
         prompt_lengths = [len(e.prompt_ids) for e in generation_examples(data.train, tokenizer, cfg.max_length)]
         finish_export(output, metrics, baseline_stats(spec.task, prompt_lengths or lengths, None))
         reporter.finished(termination_summary(output, metrics))
     accelerator.wait_for_everyone()
     return metrics
-
-
-def causal_metrics(job: FineTuneJob, version: str, test: dict[str, float], encode: dict[str, int],
-                   data_report: dict[str, Any], state: ckpt.TrainState, accelerator: Any) -> dict[str, Any]:
-    best = next((h for h in state.history if h["step"] == state.best_step), {})
-    return {
-        "task": job.spec.task,
-        "name": job.metadata.name,
-        "model_version": version,
-        "headline_metric": job.spec.headline_metric,
-        "validation": {k: v for k, v in best.items() if k not in ("step", "epoch")},
-        "test": test,
-        "data": {**data_report, "tokenization": encode},
-        "training": {
-            "method": job.spec.training.method,
-            "world_size": accelerator.num_processes,
-            "samples_per_second": round(state.samples_seen / max(state.train_seconds, 1e-9), 2),
-            "tokens_per_second": round(state.tokens_seen / max(state.train_seconds, 1e-9), 1),
-            "train_seconds": round(state.train_seconds, 2),
-            "steps": state.global_step,
-            "best_step": state.best_step,
-            "epochs": state.epoch + (1 if state.batch_in_epoch else 0),
-            "stopped_early": state.stopped_early,
-            "mixed_precision": accelerator.mixed_precision,
-            "history": state.history,
-        },
-    }

@@ -165,16 +165,23 @@ def export_classifier(
     errors.sort(key=lambda e: -e["score"])  # confident mistakes first: the most informative to review
     write_jsonl(output / "errors.jsonl", errors)
     version = save_pretrained_atomic(model, tokenizer, output)
+    return metrics_document(job, version, test, data.report, state, accelerator)
+
+
+def metrics_document(job: FineTuneJob, version: str, test: dict[str, Any], data_report: dict[str, Any],
+                     state: ckpt.TrainState, accelerator: Any) -> dict[str, Any]:
+    """metrics.json as both tasks write it (the export contract the server and operator read)."""
     best = next((h for h in state.history if h["step"] == state.best_step), {})
     return {
-        "task": spec.task,
+        "task": job.spec.task,
         "name": job.metadata.name,
         "model_version": version,
-        "headline_metric": spec.headline_metric,
+        "headline_metric": job.spec.headline_metric,
         "validation": {k: v for k, v in best.items() if k not in ("step", "epoch")},
         "test": test,
-        "data": data.report,
+        "data": data_report,
         "training": {
+            "method": job.spec.training.method,
             "world_size": accelerator.num_processes,
             "samples_per_second": round(state.samples_seen / max(state.train_seconds, 1e-9), 2),
             "tokens_per_second": round(state.tokens_seen / max(state.train_seconds, 1e-9), 1),

@@ -1,0 +1,279 @@
+"""Dynamic micro-batching: concurrent requests share one forward pass, off the event loop.
+
+One worker task takes the oldest request from a bounded queue, gathers every other queued request
+that fits into `max_batch_size` texts, and runs them as one forward pass on a dedicated model thread.
+While that pass runs, new requests pile up in the queue and form the next batch, so under load the
+batches grow by themselves. The worker waits for stragglers (at most `max_wait_ms` after the oldest
+request was queued) only under concurrency: while other model requests are still being read and
+validated (`arrival()`, marked by an ASGI middleware) or when the last pass served several requests. A
+lone client on an idle server goes straight to the model and pays no batching delay. Texts are
+tokenized with their batch, in one tokenizer call on the model thread.
+
+The queue is bounded: when it is full, submitting raises `Overloaded` (the route answers 503 with
+Retry-After) instead of letting memory grow. Generation (causal LM) runs one request per pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from finetune.server.metrics import ServerMetrics
+from finetune.server.model_runner import (
+    Classification,
+    Completion,
+    Encoded,
+    GenerationControl,
+    GenerationParams,
+    ModelRunner,
+)
+
+# One answer per text: its tokenization and its classification (None: refused as too long).
+Answer = tuple[Encoded, Classification | None]
+
+logger = logging.getLogger(__name__)
+
+
+class Arrival:
+    """A request on its way to the queue; `done()` (idempotent) once it is queued or given up."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher: Batcher | None = batcher
+
+    def done(self) -> None:
+        if self._batcher is not None:
+            self._batcher._arriving -= 1
+            self._batcher = None
+
+
+class Overloaded(Exception):
+    """The queue is full (or the server is shutting down); the client should retry later."""
+
+
+@dataclass
+class _Item:
+    future: asyncio.Future[Any]
+    texts: list[str] = field(default_factory=list)  # classification
+    prompt: list[int] = field(default_factory=list)  # generation
+    params: GenerationParams | None = None
+    control: GenerationControl | None = None
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def size(self) -> int:
+        return max(len(self.texts), 1)
+
+
+def length_buckets(lengths: list[int], max_size: int, max_waste: float = 0.3) -> list[list[int]]:
+    """Split indices into passes of similar length: padding to the longest text is wasted compute.
+
+    Indices are sorted by length and a pass grows while padding stays under `max_waste` of its tokens
+    and it holds at most `max_size` texts.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    chunks: list[list[int]] = []
+    chunk: list[int] = []
+    tokens = 0
+    for index in order:
+        n = lengths[index]  # the longest so far: the order is ascending
+        fits = len(chunk) < max_size and (len(chunk) + 1) * n <= (1 + max_waste) * (tokens + n)
+        if chunk and not fits:
+            chunks.append(chunk)
+            chunk, tokens = [], 0
+        chunk.append(index)
+        tokens += n
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
+class Batcher:
+    """The bounded queue and its single worker. `start()` inside a running loop, `drain()` to stop."""
+
+    def __init__(
+        self, runner: ModelRunner, metrics: ServerMetrics, *, max_batch_size: int, max_wait_ms: float,
+        max_queue: int, on_long_input: Literal["truncate", "reject"] = "truncate",
+    ) -> None:
+        self._runner = runner
+        self._reject_long = on_long_input == "reject"
+        self._metrics = metrics
+        self._max_batch = max_batch_size
+        self._max_wait = max_wait_ms / 1000.0
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
+        self._carry: _Item | None = None  # taken from the queue but did not fit into the last batch
+        self._arriving = 0  # model requests being read and validated, not yet queued
+        self._last_batch = 1  # requests in the last forward pass: the concurrency we have seen lately
+        self._busy = False
+        self._closing = False
+        self._worker: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finetune-model")
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="finetune-batcher")
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize() + (self._carry is not None)
+
+    def arrival(self) -> Arrival:
+        """Mark a request that reached the server but not yet the queue (see the module docstring)."""
+        self._arriving += 1
+        return Arrival(self)
+
+    async def classify(self, texts: list[str], timeout: float) -> list[Answer]:
+        """Tokenize and classify `texts` in a shared forward pass; answers keep the order of `texts`."""
+        result: list[Answer] = await self._submit(_Item(self._future(), texts=texts), timeout)
+        return result
+
+    async def generate(
+        self, prompt: list[int], params: GenerationParams, control: GenerationControl, timeout: float
+    ) -> Completion:
+        item = _Item(self._future(), prompt=prompt, params=params, control=control)
+        try:
+            result: Completion = await self._submit(item, timeout)
+        except (TimeoutError, asyncio.CancelledError):
+            control.cancelled.set()  # stop generating for a client that is no longer waiting
+            raise
+        return result
+
+    def _future(self) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    def enqueue_generation(
+        self, prompt: list[int], params: GenerationParams, control: GenerationControl
+    ) -> asyncio.Future[Completion]:
+        """Queue a generation now (raises Overloaded at once) and return its future, for streaming."""
+        item = _Item(self._future(), prompt=prompt, params=params, control=control)
+        self._enqueue(item)
+        return item.future
+
+    def _enqueue(self, item: _Item) -> None:
+        if self._closing:
+            raise Overloaded("the server is shutting down")
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            raise Overloaded(f"the request queue is full ({self._queue.maxsize} waiting)") from None
+        self._metrics.queue_depth.set(self.depth)
+
+    async def _submit(self, item: _Item, timeout: float) -> Any:
+        self._enqueue(item)
+        # wait_for cancels the future on timeout; the worker skips cancelled items.
+        return await asyncio.wait_for(item.future, timeout)
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._gather()
+            batch = [item for item in batch if not item.future.done()]
+            self._metrics.queue_depth.set(self.depth)
+            if not batch:
+                continue
+            self._busy = True
+            try:
+                await self._process_isolated(batch)
+            finally:
+                self._busy = False
+
+    async def _process_isolated(self, batch: list[_Item]) -> None:
+        """Run a batch; if it fails, run its requests one by one so only the culprit gets the error."""
+        try:
+            await self._process(batch)
+            return
+        except Exception as err:  # a failure fails requests, never the worker
+            if len(batch) == 1:
+                logger.exception("forward pass failed")
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(err)
+                return
+        logger.warning("a batch of %d requests failed; retrying them one by one", len(batch))
+        for item in batch:
+            if not item.future.done():
+                await self._process_isolated([item])
+
+    async def _gather(self) -> list[_Item]:
+        first = self._carry or await self._queue.get()
+        self._carry = None
+        batch, texts = [first], first.size
+        if first.params is not None:  # generation: one request per pass
+            return batch
+        deadline = first.enqueued + self._max_wait
+        await asyncio.sleep(0)  # let requests already read by the server reach the queue first
+        while texts < self._max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.perf_counter()
+                # Waiting pays off only under concurrency: requests on their way in, or a last pass
+                # that served several. A lone client never waits.
+                if remaining <= 0 or (self._arriving == 0 and self._last_batch <= 1):
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if texts + item.size > self._max_batch:
+                self._carry = item
+                break
+            batch.append(item)
+            texts += item.size
+        self._last_batch = len(batch)
+        return batch
+
+    async def _process(self, batch: list[_Item]) -> None:
+        started = time.perf_counter()
+        for item in batch:
+            self._metrics.queue_wait.observe(started - item.enqueued)
+        self._metrics.batch_size.observe(len(batch))
+        loop = asyncio.get_running_loop()
+        first = batch[0]
+        if first.params is not None:
+            result = await loop.run_in_executor(
+                self._executor, self._runner.generate, first.prompt, first.params, first.control
+            )
+            if not first.future.done():
+                first.future.set_result(result)
+            return
+        groups = [item.texts for item in batch]
+        answers = await loop.run_in_executor(self._executor, self._classify_groups, groups)
+        for item, answer in zip(batch, answers, strict=True):
+            if not item.future.done():
+                item.future.set_result(answer)
+
+    def _classify_groups(self, groups: list[list[str]]) -> list[list[Answer]]:
+        """Tokenize every text of the batch in one call, then classify in passes of at most max_batch_size."""
+        encoded = self._runner.encode([text for group in groups for text in group])
+        per_group, offset = [], 0
+        for group in groups:
+            per_group.append(encoded[offset : offset + len(group)])
+            offset += len(group)
+        # A request with a text over the limit is refused whole when the policy says reject.
+        refused = [self._reject_long and any(e.truncated for e in group) for group in per_group]
+        todo = [e.ids for group, skip in zip(per_group, refused, strict=True) if not skip for e in group]
+        results: list[Classification | None] = [None] * len(todo)
+        for chunk in length_buckets([len(ids) for ids in todo], self._max_batch):
+            for index, result in zip(chunk, self._runner.classify([todo[i] for i in chunk]), strict=True):
+                results[index] = result
+        answers: list[list[Answer]] = []
+        taken = iter(results)
+        for group, skip in zip(per_group, refused, strict=True):
+            answers.append([(e, None if skip else next(taken)) for e in group])
+        return answers
+
+    async def drain(self, timeout: float) -> int:
+        """Refuse new work, finish what is queued or running (bounded by `timeout`), then stop."""
+        self._closing = True
+        left = self.depth
+        deadline = time.monotonic() + timeout
+        while (self.depth or self._busy) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        self._executor.shutdown(wait=True, cancel_futures=False)
+        return left

@@ -1,0 +1,146 @@
+"""OpenAI-compatible `POST /v1/completions` for causal LMs, with `stream: true` as server-sent events.
+
+Prompts over the context (prompt + max_tokens > the model's token limit) keep their last tokens and say
+so with `"truncated": true` on the choice, or get 413 with `on_long_input=reject`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from finetune.server.batcher import Overloaded
+from finetune.server.errors import ApiError
+from finetune.server.model_runner import Completion, GenerationControl, GenerationParams
+from finetune.server.routes import check_count, encode, queued, run_model
+from finetune.server.schemas import CompletionRequest
+from finetune.server.state import AuthDep, Ready, ReadyDep
+
+router = APIRouter(tags=["inference"], dependencies=[AuthDep])
+
+
+def _check(body: CompletionRequest, ready: Ready) -> int:
+    """Validate against this model; return the prompt token budget."""
+    runner = ready.runner
+    if runner.task != "causal-lm":
+        raise ApiError(400, "wrong_task", f"this model classifies text; use POST /v1/models/{runner.name}:predict")
+    if body.model is not None and body.model != runner.name:
+        raise ApiError(404, "model_not_found", f"no model named {body.model!r}; this server serves {runner.name!r}")
+    check_count(ready, len(body.prompts()), "prompt")
+    if body.stream and len(body.prompts()) > 1:
+        raise ApiError(422, "invalid_request", "stream: supported for a single prompt only")
+    if body.max_tokens > ready.settings.max_new_tokens:
+        raise ApiError(
+            422, "invalid_request", f"max_tokens: at most {ready.settings.max_new_tokens} on this server"
+        )
+    budget: int = runner.max_length - body.max_tokens
+    if budget < 1:
+        raise ApiError(
+            422, "invalid_request", f"max_tokens: must be below the model's context of {runner.max_length} tokens"
+        )
+    return budget
+
+
+def _params(body: CompletionRequest) -> GenerationParams:
+    return GenerationParams(
+        max_tokens=body.max_tokens, temperature=float(body.temperature), top_p=float(body.top_p),
+        stop=body.stops(), seed=body.seed,
+    )
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(
+    body: CompletionRequest, ready: ReadyDep, request: Request
+) -> dict[str, Any] | StreamingResponse:
+    budget = _check(body, ready)
+    encoded = await encode(ready, body.prompts(), limit=budget, keep="end")
+    queued(request)
+    params = _params(body)
+    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": ready.runner.name}
+    timeout = ready.settings.request_timeout_s
+    if body.stream:
+        return _stream(ready, meta, encoded[0].ids, encoded[0].truncated, params)
+    results: list[Completion] = await run_model(
+        ready,
+        asyncio.gather(*(ready.batcher.generate(e.ids, params, GenerationControl(), timeout) for e in encoded)),
+    )
+    choices = []
+    for index, (enc, done) in enumerate(zip(encoded, results, strict=True)):
+        ready.metrics.generated_tokens.inc(done.completion_tokens)
+        choices.append({"text": done.text, "index": index, "logprobs": None, "finish_reason": done.finish_reason,
+                        "truncated": enc.truncated})
+    prompt_tokens = sum(r.prompt_tokens for r in results)
+    completion_tokens = sum(r.completion_tokens for r in results)
+    _observe_drift(ready, [e.n_tokens for e in encoded])
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    return {**meta, "choices": choices, "usage": usage}
+
+
+def _observe_drift(ready: Ready, lengths: list[int]) -> None:
+    if ready.drift is not None:
+        ready.drift.observe(lengths)
+
+
+def _event(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n".encode()
+
+
+def _stream(
+    ready: Ready, meta: dict[str, Any], ids: list[int], truncated: bool, params: GenerationParams
+) -> StreamingResponse:
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[str] = asyncio.Queue()
+    control = GenerationControl(on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
+    timeout = ready.settings.request_timeout_s
+    # Queued before the response starts, so a full queue is still a plain 503 rather than a broken stream.
+    try:
+        future = ready.batcher.enqueue_generation(ids, params, control)
+    except Overloaded as err:
+        raise ApiError(503, "overloaded", f"{err}; retry later",
+                       headers={"Retry-After": str(ready.settings.retry_after_s)}) from None
+    _observe_drift(ready, [len(ids)])
+
+    def chunk(text: str, finish: str | None) -> bytes:
+        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish, "truncated": truncated}
+        return _event({**meta, "choices": [choice]})
+
+    async def events() -> AsyncIterator[bytes]:
+        deadline = loop.time() + timeout
+        try:
+            while True:
+                getter = asyncio.ensure_future(pieces.get())
+                done, _ = await asyncio.wait({getter, future}, timeout=max(deadline - loop.time(), 0),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield chunk(getter.result(), None)
+                    continue
+                getter.cancel()
+                if not done:
+                    yield _event({"error": {"type": "timeout", "message": f"no answer within {timeout:g}s"}})
+                    return
+                while not pieces.empty():
+                    yield chunk(pieces.get_nowait(), None)
+                if future.exception() is not None:
+                    yield _event({"error": {"type": "internal_error", "message": "generation failed"}})
+                    return
+                result: Completion = future.result()
+                ready.metrics.generated_tokens.inc(result.completion_tokens)
+                yield chunk("", result.finish_reason)
+                yield _event("[DONE]")
+                return
+        finally:
+            control.cancelled.set()  # the client left or we are done: stop generating
+            if not future.done():
+                future.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

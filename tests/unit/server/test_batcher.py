@@ -1,0 +1,159 @@
+"""The micro-batcher's gathering rules, with a recording stand-in for the model (no torch needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from finetune.server.batcher import Batcher, Overloaded
+from finetune.server.metrics import ServerMetrics
+from finetune.server.model_runner import Classification, Encoded
+
+
+class RecordingRunner:
+    """Answers each text with its first id as the label and records the size of every forward pass."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.passes: list[int] = []
+        self.delay = delay
+        self.fail_on: int | None = None
+        self.threads: set[str] = set()
+
+    def encode(self, texts):
+        return [Encoded([int(t)], len(t), len(t) > 3) for t in texts]
+
+    def classify(self, batch):
+        self.threads.add(threading.current_thread().name)
+        self.passes.append(len(batch))
+        time.sleep(self.delay)
+        if self.fail_on is not None and any(ids[0] == self.fail_on for ids in batch):
+            raise RuntimeError("boom")
+        return [Classification(str(ids[0]), 1.0, {str(ids[0]): 1.0}) for ids in batch]
+
+
+def labels(answers) -> list[str | None]:
+    return [None if result is None else result.label for _, result in answers]
+
+
+def make(runner: RecordingRunner, **kwargs) -> Batcher:
+    options = {"max_batch_size": 8, "max_wait_ms": 200.0, "max_queue": 100} | kwargs
+    batcher = Batcher(runner, ServerMetrics(), **options)  # type: ignore[arg-type]
+    batcher.start()
+    return batcher
+
+
+async def test_a_lone_request_does_not_wait_for_company():
+    runner = RecordingRunner()
+    batcher = make(runner, max_wait_ms=500.0)
+    started = time.perf_counter()
+    assert labels(await batcher.classify(["7"], timeout=5)) == ["7"]
+    assert time.perf_counter() - started < 0.2  # not the 500 ms max wait
+    assert runner.threads == {"finetune-model_0"}  # off the event loop, on the model thread
+    await batcher.drain(1)
+
+
+async def test_concurrent_requests_share_passes_up_to_the_max_and_keep_their_answers():
+    runner = RecordingRunner(delay=0.05)
+    batcher = make(runner, max_batch_size=8)
+    results = await asyncio.gather(*(batcher.classify([str(i), str(i + 100)], timeout=5) for i in range(10)))
+    assert [labels(result) for result in results] == [[str(i), str(i + 100)] for i in range(10)]
+    assert sum(runner.passes) == 20 and max(runner.passes) <= 8 and len(runner.passes) < 10
+    await batcher.drain(1)
+
+
+async def test_a_request_larger_than_the_max_runs_in_chunks():
+    runner = RecordingRunner()
+    batcher = make(runner, max_batch_size=4)
+    result = await batcher.classify([str(i) for i in range(10)], timeout=5)
+    assert labels(result) == [str(i) for i in range(10)]
+    assert runner.passes == [4, 4, 2]
+    await batcher.drain(1)
+
+
+async def test_a_full_queue_raises_overloaded_instead_of_growing():
+    runner = RecordingRunner(delay=0.2)
+    batcher = make(runner, max_batch_size=1, max_queue=2)
+    calls = [asyncio.ensure_future(batcher.classify([str(i)], timeout=5)) for i in range(6)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert any(isinstance(r, Overloaded) for r in results)
+    assert any(isinstance(r, list) for r in results)
+    await batcher.drain(5)
+
+
+async def test_a_failing_pass_fails_its_requests_but_not_the_worker():
+    runner = RecordingRunner()
+    runner.fail_on = 13
+    batcher = make(runner)
+    with pytest.raises(RuntimeError, match="boom"):
+        await batcher.classify(["13"], timeout=5)
+    assert labels(await batcher.classify(["1"], timeout=5)) == ["1"]
+    await batcher.drain(1)
+
+
+async def test_drain_finishes_queued_work_and_refuses_new_work():
+    runner = RecordingRunner(delay=0.05)
+    batcher = make(runner, max_batch_size=1)
+    calls = [asyncio.ensure_future(batcher.classify([str(i)], timeout=5)) for i in range(4)]
+    await asyncio.sleep(0.01)
+    await batcher.drain(5)
+    assert [labels(c.result()) for c in calls] == [["0"], ["1"], ["2"], ["3"]]
+    with pytest.raises(Overloaded, match="shutting down"):
+        await batcher.classify(["9"], timeout=5)
+
+
+async def test_the_worker_waits_only_for_requests_already_arriving():
+    runner = RecordingRunner()
+    batcher = make(runner, max_wait_ms=300.0)
+    arrival = batcher.arrival()  # a request is being read: worth waiting for
+
+    async def late() -> list:
+        await asyncio.sleep(0.05)
+        arrival.done()
+        return await batcher.classify(["2"], timeout=5)
+
+    first, second = await asyncio.gather(batcher.classify(["1"], timeout=5), late())
+    assert labels(first) == ["1"] and labels(second) == ["2"]
+    assert runner.passes == [2], "the late request should have joined the first pass"
+    await batcher.drain(1)
+
+
+async def test_reject_policy_refuses_the_whole_request_with_a_long_text():
+    runner = RecordingRunner()
+    batcher = make(runner, on_long_input="reject")
+    refused, fine = await asyncio.gather(
+        batcher.classify(["1", "12345"], timeout=5), batcher.classify(["2"], timeout=5)
+    )
+    assert labels(refused) == [None, None] and refused[1][0].truncated
+    assert labels(fine) == ["2"]
+    await batcher.drain(1)
+
+
+def test_length_buckets_keep_padding_small_and_cover_every_text():
+    from finetune.server.batcher import length_buckets
+
+    lengths = [50, 10, 11, 52, 12, 9, 49, 10]
+    chunks = length_buckets(lengths, max_size=8)
+    assert sorted(i for chunk in chunks for i in chunk) == list(range(len(lengths)))
+    for chunk in chunks:
+        longest, total = max(lengths[i] for i in chunk), sum(lengths[i] for i in chunk)
+        assert len(chunk) * longest <= 1.3 * total
+    assert len(chunks) == 2  # the short ones together, the long ones together
+    assert [len(c) for c in length_buckets([10] * 10, max_size=4)] == [4, 4, 2]
+
+
+async def test_one_bad_request_does_not_fail_the_others_in_its_batch():
+    runner = RecordingRunner(delay=0.05)
+    runner.fail_on = 13
+    batcher = make(runner)
+    first = asyncio.ensure_future(batcher.classify(["0"], timeout=5))  # occupies the worker
+    await asyncio.sleep(0.01)
+    good, bad = await asyncio.gather(batcher.classify(["1"], timeout=5), batcher.classify(["13"], timeout=5),
+                                     return_exceptions=True)
+    assert labels(await first) == ["0"]
+    assert labels(good) == ["1"]
+    assert isinstance(bad, RuntimeError)
+    assert 2 in runner.passes, "the two should first have shared a pass"
+    await batcher.drain(1)
