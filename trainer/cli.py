@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +28,14 @@ def run_training(job_file: str, output: str, processes: int) -> int:
     """Validate the job here (one readable error instead of N), then start the trainer process(es)."""
     load_job(job_file)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(processes, 1)))}
-    proc = subprocess.run(launch_command(job_file, output, processes), env=env, check=False)
-    return proc.returncode
+    proc = subprocess.Popen(launch_command(job_file, output, processes), env=env)
+    # SIGTERM/SIGINT to this command reach the trainer too, so stopping it never leaves an orphan training.
+    forward = {sig: signal.signal(sig, lambda s, _f: proc.send_signal(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, previous in forward.items():
+            signal.signal(sig, previous)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -136,8 +136,10 @@ def trainer(tools: dict[str, str], workdir: Path, model_dir: Path) -> Iterator[T
             "model": {"path": str(model_dir)},
             "dataset": {"train": {"path": str(ROOT / "data" / "sst2" / "train.tsv")},
                         "textColumn": "sentence", "labelColumn": "label", "maxSamples": 600},
-            # Small steps and an early validation: the gauges change within seconds of the start.
-            "training": {"epochs": 1, "batchSize": 8, "maxLength": 32, "logSteps": 1, "evalSteps": 6},
+            # Small steps and an early validation: the gauges change within seconds of the start. Enough
+            # epochs that a fast machine is still training when Prometheus scrapes; stopped at teardown.
+            "training": {"epochs": 50, "batchSize": 8, "maxLength": 32, "logSteps": 1, "evalSteps": 6,
+                         "checkpointSteps": 100000},
         },
     }
     (workdir / "job.yaml").write_text(yaml.safe_dump(job))
@@ -274,6 +276,9 @@ def traffic(server: str, prometheus: Prometheus) -> dict[str, float]:
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    # Prometheus hands new targets to its scrapers only every 5 s: traffic sent before the first scrape
+    # would all land in one sample and every rate() over it would read 0.
+    prometheus.wait_for('up{job="sst2-server"} == 1', 30, "the first scrape of the server")
     sentences = server_fixtures().sst2_sentences("dev", limit=160)
     predict = f"{server}/v1/models/sst2:predict"
     counts: dict[str, float] = {"predict": 0, "feedback": 0, "errors": 0}
