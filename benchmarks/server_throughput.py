@@ -200,6 +200,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=10.0, help="client timeout per request (an error)")
     parser.add_argument("--max-requests", type=int, default=3000, help="request limit per level and server")
     parser.add_argument("--rounds", type=int, default=3, help="alternations between the servers per level")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                        help="ours: --precision of finetune serve (the naive servers always run fp32)")
     parser.add_argument(
         "--naive-torch-threads", type=int, default=0, help="torch threads of the naive servers (0: torch's default)"
     )
@@ -225,7 +227,8 @@ def main() -> int:
                                         "loop", str(naive_threads)],
             "ours": lambda port: [sys.executable, "-m", "finetune.cli", "--log-level", "WARNING", "serve",
                                   "--model", str(model_dir), "--port", str(port),
-                                  "--feedback-path", str(pathlib.Path(tmp) / "feedback.jsonl")],
+                                  "--feedback-path", str(pathlib.Path(tmp) / "feedback.jsonl"),
+                                  "--precision", args.precision],
         }
         ports = {name: free_port() for name in commands}
         procs = {name: start(command(ports[name]), ports[name]) for name, command in commands.items()}
@@ -251,7 +254,8 @@ def main() -> int:
                 proc.wait(timeout=60)
     results = {name: {level: summarize(r) for level, r in by_level.items()} for name, by_level in runs.items()}
     print_table(results, args.levels)
-    print(f"torch threads: ours {ours_threads}, naive {naive_threads or 'torch default'}")
+    print(f"torch threads: ours {ours_threads}, naive {naive_threads or 'torch default'}; "
+          f"ours --precision {args.precision}")
     print("ours, mean requests per forward pass: "
           + ", ".join(f"c={level}: {batch:.1f}" for level, batch in batches.items()))
     return 0

@@ -71,7 +71,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def _load(state: ServerState) -> None:
     settings, metrics = state.settings, state.metrics
     try:
-        runner = ModelRunner(settings.model_dir, name=settings.name, max_length=settings.max_length)
+        runner = ModelRunner(settings.model_dir, name=settings.name, max_length=settings.max_length,
+                             precision=settings.precision)
         state.runner = runner
         await asyncio.to_thread(runner.load, settings.torch_threads)
         await asyncio.to_thread(runner.warm_up)

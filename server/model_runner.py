@@ -106,6 +106,12 @@ def default_torch_threads() -> int:
     return available_cpus()
 
 
+def cpu_has_bf16() -> bool:
+    from finetune.trainer.entry import cpu_has_bf16 as native_bf16
+
+    return native_bf16()
+
+
 def detect_task(metrics: dict[str, Any], config: dict[str, Any]) -> Task:
     task = metrics.get("task")
     if task in ("text-classification", "causal-lm"):
@@ -121,7 +127,9 @@ def detect_task(metrics: dict[str, Any], config: dict[str, Any]) -> Task:
 class ModelRunner:
     """Loads `model_dir` (the trainer's export contract) and runs it. Call `load()` once, off the event loop."""
 
-    def __init__(self, model_dir: Path, *, name: str | None = None, max_length: int | None = None) -> None:
+    def __init__(
+        self, model_dir: Path, *, name: str | None = None, max_length: int | None = None, precision: str = "fp32"
+    ) -> None:
         if not (model_dir / "config.json").is_file():
             raise ModelLoadError(f"{model_dir} has no config.json: not an exported model directory")
         self.model_dir = model_dir
@@ -132,6 +140,8 @@ class ModelRunner:
         # Hashing the weights can take seconds on a large model: done in load(), not here.
         self.version: str = str(self.metrics.get("model_version") or "")
         self._max_length_override = max_length
+        self.precision = precision
+        self._bf16 = False
         self.max_length = max_length or 512
         self.labels: list[str] = []
         self.load_seconds = 0.0
@@ -162,6 +172,8 @@ class ModelRunner:
         if getattr(config, "pad_token_id", None) is None:
             # e.g. GPT-2-style classifiers find the last real token through pad_token_id
             config.pad_token_id = self._pad_id
+        # bf16 autocast: CPUs with native bf16 run it several times faster; the weights stay fp32.
+        self._bf16 = self.precision == "bf16" or (self.precision == "auto" and cpu_has_bf16())
         self.load_seconds = time.perf_counter() - started
         logger.info(
             "loaded %s model %r version %s from %s in %.2fs (token limit %d, %d torch threads)",
@@ -206,7 +218,7 @@ class ModelRunner:
         for row, ids in enumerate(batch):
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention[row, : len(ids)] = 1
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16):
             probs = self._model(input_ids=input_ids, attention_mask=attention).logits.float().softmax(-1)
         results = []
         for row in probs.tolist():

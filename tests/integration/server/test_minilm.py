@@ -46,3 +46,18 @@ def test_minilm_predictions_equal_direct_outputs(minilm_dir, start_server, sst2_
     # no metrics.json model_version: the version is a content hash of the weights
     state = httpx.get(f"{server.url}/v1/models/minilm-sst2").json()
     assert len(state["version"]) == 16 and int(state["version"], 16) >= 0
+
+
+def test_bf16_precision_keeps_labels_and_scores_close(minilm_dir, start_server, sst2_holdout):
+    """--precision bf16 trades exactness for speed: same labels, scores within a hundredth."""
+    texts = sst2_holdout[:16]
+    exact = start_server(minilm_dir)
+    fast = start_server(minilm_dir, precision="bf16")
+    url = "/v1/models/minilm-sst2:predict"
+    a = httpx.post(f"{exact.url}{url}", json={"instances": texts}, timeout=60).json()["predictions"]
+    b = httpx.post(f"{fast.url}{url}", json={"instances": texts}, timeout=60).json()["predictions"]
+    for x, y in zip(a, b, strict=True):
+        assert y["scores"]["positive"] == pytest.approx(x["scores"]["positive"], abs=0.01)
+        if abs(x["scores"]["positive"] - 0.5) > 0.01:
+            assert x["label"] == y["label"]
+    assert any(x["scores"] != y["scores"] for x, y in zip(a, b, strict=True)), "bf16 was not used"
