@@ -118,3 +118,20 @@ def test_bad_data_exits_2_with_one_readable_line(tiny_bert: Path, synthetic_data
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+
+
+def test_run_applies_the_quality_gate(tiny_bert: Path, synthetic_data: Path, write_job: Callable[..., Path],
+                                      tmp_path: Path) -> None:
+    """`finetune run` trains, then refuses to serve a model below spec.promotion (exit 3, one line)."""
+    job = write_job(tiny_bert, synthetic_data, training={"epochs": 1}, promotion={"metric": "accuracy",
+                                                                                  "minValue": 1.01})
+    result = finetune("run", "-f", str(job), "--output", str(tmp_path / "out"), "--no-serve")
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "rejected by the quality gate: accuracy=" in result.stderr
+    assert "below promotion.minValue 1.01" in result.stderr
+    assert (tmp_path / "out" / "metrics.json").exists(), "a rejected model is still exported for review"
+
+    passing = write_job(tiny_bert, synthetic_data, name="passing", training={"epochs": 1})
+    result = finetune("run", "-f", str(passing), "--output", str(tmp_path / "ok"), "--no-serve")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "test metrics:" in result.stdout and "model exported to" in result.stdout
