@@ -33,6 +33,15 @@ FORMAT_BY_SUFFIX: dict[str, DataFormat] = {
 }
 
 
+LOWER_IS_BETTER = ("loss", "perplexity", "error")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses, perplexities and error rates improve downwards; every other metric upwards."""
+    name = metric.lower()
+    return any(word in name for word in LOWER_IS_BETTER)
+
+
 class SpecError(ValueError):
     """A FineTuneJob that can never run as written; the message says which field and what to change."""
 

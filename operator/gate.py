@@ -16,9 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from finetune.spec import Promotion
-
-LOWER_IS_BETTER = ("loss", "perplexity", "error")
+from finetune.spec import Promotion, lower_is_better
 
 
 class GateDecision(NamedTuple):
@@ -26,12 +24,6 @@ class GateDecision(NamedTuple):
 
     ok: bool
     reason: str
-
-
-def lower_is_better(metric: str) -> bool:
-    """True for losses, perplexities and error rates."""
-    name = metric.lower()
-    return any(word in name for word in LOWER_IS_BETTER)
 
 
 def gate_metric(promotion: Promotion, headline_metric: str) -> str:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from finetune.hardware import cpu_has_bf16
+
 logger = logging.getLogger(__name__)
 
 Task = Literal["text-classification", "causal-lm"]
@@ -104,12 +106,6 @@ def default_torch_threads() -> int:
     """torch's own default counts the host's cores; in a pod with a CPU limit of 2 on a 64-core node that
     means 64 spinning OpenMP threads fighting over 2 CPUs. Use the CPUs this process may actually use."""
     return available_cpus()
-
-
-def cpu_has_bf16() -> bool:
-    from finetune.trainer.entry import cpu_has_bf16 as native_bf16
-
-    return native_bf16()
 
 
 def detect_task(metrics: dict[str, Any], config: dict[str, Any]) -> Task:

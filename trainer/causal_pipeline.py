@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune.spec import FineTuneJob
+from finetune.spec import FineTuneJob, lower_is_better
 from finetune.trainer import checkpoint as ckpt
 from finetune.trainer.batching import eval_batches
 from finetune.trainer.causal import (
@@ -37,7 +37,6 @@ from finetune.trainer.report import Reporter
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 16
-LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 def token_loss(accelerator: Any, model: Any, features: list[Feature], collate: Any) -> dict[str, float]:
@@ -91,7 +90,7 @@ def train_causal_lm(job: FineTuneJob, output: Path, accelerator: Any) -> dict[st
         make_batch=lambda idx: collate([train_f[i] for i in idx]),
         validate=lambda m: token_loss(accelerator, m, val_f, collate),
         metric=metric,
-        higher_is_better=metric not in LOWER_IS_BETTER,
+        higher_is_better=not lower_is_better(metric),
         save_best=lambda m: save_weights(m, best_dir, trainable_only=lora),
     )
     reporter = Reporter(job.metadata.name, accelerator.is_main_process, cfg.log_steps)

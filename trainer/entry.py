@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune.hardware import cpu_has_bf16
 from finetune.spec import FineTuneJob, SpecError, Training, load_job
 
 log = logging.getLogger("finetune.trainer")
@@ -39,14 +40,6 @@ def mixed_precision(cfg: Training) -> str:
     # than fp32; the weights and optimizer state stay fp32.
     return "bf16" if cpu_has_bf16() else "no"
 
-
-def cpu_has_bf16() -> bool:
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def make_accelerator(cfg: Training) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.spec import FineTuneJob
+from finetune.spec import FineTuneJob, lower_is_better
 from finetune.trainer import checkpoint as ckpt
 from finetune.trainer.batching import eval_batches
 from finetune.trainer.classification import (
@@ -87,7 +87,7 @@ def train_classifier(job: FineTuneJob, output: Path, accelerator: Any) -> dict[s
         make_batch=lambda idx: collate([train_ids[i] for i in idx], pad_id, [train_labels[i] for i in idx]),
         validate=validate,
         metric=spec.headline_metric,
-        higher_is_better=spec.headline_metric != "loss",
+        higher_is_better=not lower_is_better(spec.headline_metric),
         save_best=lambda m: save_weights(m, best_dir),
     )
     reporter = Reporter(job.metadata.name, accelerator.is_main_process, cfg.log_steps)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import httpx
 import pytest
 import yaml
 
+from tests.tools import find_tool
+
 ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "charts" / "finetune-operator"
 FINETUNE = str(Path(sys.executable).parent / "finetune")
@@ -38,15 +39,6 @@ TRAINER_JOB = "sst2"
 TRIGGER = ["prometheusRule.latencyP99Seconds=0.000001", "prometheusRule.driftThreshold=0.000001"]
 
 
-def find_tool(name: str) -> str:
-    local = ROOT / ".tools" / "bin" / name
-    path = str(local) if os.access(local, os.X_OK) else shutil.which(name)
-    if path:
-        return path
-    reason = f"`{name}` not found in .tools/bin or PATH; run `bash scripts/install-tools.sh`"
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set, so a missing tool is an error)")
-    pytest.skip(reason)
 
 
 def free_port() -> int:

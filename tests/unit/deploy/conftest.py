@@ -9,8 +9,6 @@ broken install step cannot turn the suite green.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.tools import find_tool
 
 ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "charts" / "finetune-operator"
@@ -48,16 +48,6 @@ ALL_ON = [
 NAMESPACED = ["watch.namespaces={team-a,team-b}"]
 
 
-def find_tool(name: str) -> str:
-    """Path of a test tool: .tools/bin first, then PATH; skip (locally) or fail (CI) when missing."""
-    local = ROOT / ".tools" / "bin" / name
-    path = str(local) if os.access(local, os.X_OK) else shutil.which(name)
-    if path:
-        return path
-    reason = f"`{name}` not found in .tools/bin or PATH; run `bash scripts/install-tools.sh`"
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set, so a missing tool is an error)")
-    pytest.skip(reason)
 
 
 def run(cmd: Sequence[str], check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:

@@ -13,12 +13,6 @@ import pytest
 from finetune.spec import SpecError
 from finetune.trainer.causal import IGNORE_INDEX, encode_causal, generation_examples
 from finetune.trainer.packing import PaddedCausalCollator
-from tests.unit.trainer.causal_fixtures import train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def ids(tok: Any, text: str) -> list[int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +22,9 @@ from finetune.trainer.generation import (
     write_samples,
 )
 from finetune.trainer.packing import PackedCollator, make_collator
-from tests.unit.trainer.causal_fixtures import copy_task, one_thread, save_model, tiny_llama, train_tokenizer
+from tests.unit.trainer.causal_fixtures import copy_task, save_model, tiny_llama, train_tokenizer
 
 MAX_LENGTH = 48
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
 
 
 def validation_loss(model: Any, collator: Any, feats: list[Any]) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +15,10 @@ from finetune.spec import Lora, ModelSource, SpecError
 from finetune.trainer.causal import encode_causal, load_causal_model
 from finetune.trainer.lora import apply_lora, default_target_modules, export_lora
 from finetune.trainer.packing import PackedCollator, make_collator
-from tests.unit.trainer.causal_fixtures import copy_task, one_thread, save_model, tiny_gpt2, tiny_llama, train_tokenizer
+from tests.unit.trainer.causal_fixtures import copy_task, save_model, tiny_gpt2, tiny_llama
 
 # peft calls a transformers property that 5.x deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def test_default_targets_are_the_block_linears(tok: Any) -> None:

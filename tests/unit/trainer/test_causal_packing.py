@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,20 +17,9 @@ from finetune.trainer.packing import (
     real_tokens,
     supports_padding_free,
 )
-from tests.unit.trainer.causal_fixtures import one_thread, tiny_gpt2, tiny_llama, tiny_other, train_tokenizer
+from tests.unit.trainer.causal_fixtures import tiny_gpt2, tiny_llama, tiny_other
 
 BUILDERS: dict[str, Callable[..., Any]] = {"llama": tiny_llama, "gpt2": tiny_gpt2}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def features(lengths: list[int], seed: int = 0) -> list[Feature]:
