@@ -130,46 +130,75 @@ def start(command: list[str], port: int) -> subprocess.Popen[bytes]:
     raise RuntimeError(f"{command} did not become ready")
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection with pre-encoded requests: a lean client, so the load generator
+    (on the same 2 cores as the servers) spends little CPU. httpx costs about ten times as much per
+    request and, at a few hundred requests/s, took CPU the servers needed."""
+
+    def __init__(self, port: int, path: str) -> None:
+        self.port = port
+        self.head = f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n".encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self.reader is not None
+        self.writer.write(self.head + b"content-length: %d\r\n\r\n" % len(body) + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        length = next(int(line.split(b":")[1]) for line in lines if line.lower().startswith(b"content-length:"))
+        return int(lines[0].split()[1]), await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
+def request_bodies(texts: list[str]) -> list[bytes]:
+    return [json.dumps({"instances": [text]}).encode() for text in texts]
+
+
 async def load(
-    url: str, texts: list[str], concurrency: int, seconds: float, max_requests: int, timeout: float = 10.0
+    port: int, path: str, bodies: list[bytes], concurrency: int, seconds: float, max_requests: int,
+    timeout: float = 10.0,
 ) -> dict[str, Any]:
     """Closed loop: `concurrency` clients, each sends its next request when the last one is answered."""
     latencies: list[float] = []
     errors = 0
     sent = 0
-    # One client (one keep-alive connection) per virtual user: a single shared httpx pool serialises on
-    # its own lock at high concurrency and would measure the load generator instead of the server.
-    clients = [httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=1)) for _ in range(concurrency)]
+    connections = [Connection(port, path) for _ in range(concurrency)]
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker(connection: Connection) -> None:
         nonlocal errors, sent
         while sent < max_requests and time.perf_counter() < deadline:
-            text = texts[sent % len(texts)]
+            body = bodies[sent % len(bodies)]
             sent += 1
             began = time.perf_counter()
             try:
-                answer = await client.post(url, json={"instances": [text]})
-            except httpx.TimeoutException:
+                status, _ = await asyncio.wait_for(connection.post(body), timeout)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError):
+                connection.close()  # a late answer must not be read as the next request's
                 errors += 1
                 continue
-            if answer.status_code == 200:
+            if status == 200:
                 latencies.append(time.perf_counter() - began)
             else:
                 errors += 1
 
     try:
         # open the connections before timing
-        await asyncio.gather(
-            *(c.post(url, json={"instances": [texts[i]]}) for i, c in enumerate(clients)), return_exceptions=True
-        )
+        await asyncio.gather(*(c.post(bodies[i]) for i, c in enumerate(connections)), return_exceptions=True)
         deadline = time.perf_counter() + seconds
-        began = time.perf_counter()
-        await asyncio.gather(*(worker(client) for client in clients))
-        elapsed = time.perf_counter() - began
+        began, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(worker(connection) for connection in connections))
+        elapsed, cpu = time.perf_counter() - began, time.process_time() - cpu
     finally:
-        for client in clients:
-            await client.aclose()
-    return {"latencies": latencies, "elapsed": elapsed, "errors": errors}
+        for connection in connections:
+            connection.close()
+    return {"latencies": latencies, "elapsed": elapsed, "errors": errors, "client_cpu": cpu}
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -181,6 +210,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
         "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         "n": len(latencies),
         "errors": sum(run["errors"] for run in runs),
+        "client_cpu": sum(run["client_cpu"] for run in runs) / elapsed,  # cores the load generator used
     }
 
 
@@ -193,59 +223,71 @@ def batch_totals(port: int) -> tuple[float, float]:
     return values["finetune_server_batch_size_sum"], values["finetune_server_batch_size_count"]
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32], help="concurrency levels")
     parser.add_argument("--seconds", type=float, default=10.0, help="time limit per level and server")
     parser.add_argument("--timeout", type=float, default=10.0, help="client timeout per request (an error)")
     parser.add_argument("--max-requests", type=int, default=3000, help="request limit per level and server")
     parser.add_argument("--rounds", type=int, default=3, help="alternations between the servers per level")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
-                        help="ours: --precision of finetune serve (the naive servers always run fp32)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "auto"], choices=["fp32", "bf16", "auto"],
+                        help="one `finetune serve --precision P` per value (the naive servers always run fp32)")
     parser.add_argument(
         "--naive-torch-threads", type=int, default=0, help="torch threads of the naive servers (0: torch's default)"
     )
     parser.add_argument("--naive-server", nargs=4, metavar=("MODEL_DIR", "PORT", "MODE", "THREADS"),
                         help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def server_commands(args: argparse.Namespace, model_dir: pathlib.Path, tmp: str) -> dict[str, Any]:
+    def naive(mode: str) -> Any:
+        threads = str(args.naive_torch_threads)
+        return lambda port: [sys.executable, __file__, "--naive-server", str(model_dir), str(port), mode, threads]
+
+    def ours(precision: str) -> Any:
+        return lambda port: [sys.executable, "-m", "finetune.cli", "--log-level", "WARNING", "serve",
+                             "--model", str(model_dir), "--port", str(port),
+                             "--feedback-path", str(pathlib.Path(tmp) / f"feedback-{precision}.jsonl"),
+                             "--precision", precision]
+
+    commands = {"naive-threads": naive("threads"), "naive-loop": naive("loop")}
+    commands.update({f"ours-{precision}": ours(precision) for precision in args.precisions})
+    return commands
+
+
+def main() -> int:
+    args = parse_args()
     if args.naive_server:
         naive_server(args.naive_server[0], int(args.naive_server[1]), args.naive_server[2], int(args.naive_server[3]))
         return 0
 
     from finetune.server.model_runner import default_torch_threads
 
-    ours_threads = default_torch_threads()
-    naive_threads = args.naive_torch_threads
-    texts = sentences()
-    runs: dict[str, dict[int, list[dict[str, Any]]]] = {"naive-threads": {}, "naive-loop": {}, "ours": {}}
+    bodies = request_bodies(sentences())
+    path = f"/v1/models/{NAME}:predict"
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    batches: dict[str, dict[int, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = export_minilm(pathlib.Path(tmp) / NAME)
-        commands = {
-            "naive-threads": lambda port: [sys.executable, __file__, "--naive-server", str(model_dir), str(port),
-                                           "threads", str(naive_threads)],
-            "naive-loop": lambda port: [sys.executable, __file__, "--naive-server", str(model_dir), str(port),
-                                        "loop", str(naive_threads)],
-            "ours": lambda port: [sys.executable, "-m", "finetune.cli", "--log-level", "WARNING", "serve",
-                                  "--model", str(model_dir), "--port", str(port),
-                                  "--feedback-path", str(pathlib.Path(tmp) / "feedback.jsonl"),
-                                  "--precision", args.precision],
-        }
+        commands = server_commands(args, model_dir, tmp)
         ports = {name: free_port() for name in commands}
         procs = {name: start(command(ports[name]), ports[name]) for name, command in commands.items()}
+        ours = [name for name in commands if name.startswith("ours")]
         try:
-            # Both servers stay up (an idle one costs nothing); the load alternates between them in
-            # short rounds so a change in background load hits both alike.
-            batches: dict[int, float] = {}
+            # All servers stay up (an idle one costs nothing); the load alternates between them in
+            # short rounds so a change in background load hits all alike.
             for level in args.levels:
-                before = batch_totals(ports["ours"])
+                before = {name: batch_totals(ports[name]) for name in ours}
                 for _ in range(args.rounds):
                     for name in commands:
-                        url = f"http://127.0.0.1:{ports[name]}/v1/models/{NAME}:predict"
-                        run = asyncio.run(load(url, texts, level, args.seconds / args.rounds,
+                        run = asyncio.run(load(ports[name], path, bodies, level, args.seconds / args.rounds,
                                                args.max_requests // args.rounds, args.timeout))
-                        runs[name].setdefault(level, []).append(run)
-                after = batch_totals(ports["ours"])
-                batches[level] = (after[0] - before[0]) / max(after[1] - before[1], 1)
+                        runs.setdefault(name, {}).setdefault(level, []).append(run)
+                for name in ours:
+                    after = batch_totals(ports[name])
+                    passes = max(after[1] - before[name][1], 1)
+                    batches.setdefault(name, {})[level] = (after[0] - before[name][0]) / passes
                 for name in commands:
                     print(f"{name:13s} c={level:<3d} {summarize(runs[name][level])}", flush=True)
         finally:
@@ -253,31 +295,35 @@ def main() -> int:
                 proc.terminate()
                 proc.wait(timeout=60)
     results = {name: {level: summarize(r) for level, r in by_level.items()} for name, by_level in runs.items()}
-    print_table(results, args.levels)
-    print(f"torch threads: ours {ours_threads}, naive {naive_threads or 'torch default'}; "
-          f"ours --precision {args.precision}")
-    print("ours, mean requests per forward pass: "
-          + ", ".join(f"c={level}: {batch:.1f}" for level, batch in batches.items()))
+    print_table(results, args.levels, ours)
+    print(f"torch threads: ours {default_torch_threads()}, naive {args.naive_torch_threads or 'torch default'}")
+    for name, by_level in batches.items():
+        print(f"{name}, mean requests per forward pass: "
+              + ", ".join(f"c={level}: {batch:.1f}" for level, batch in by_level.items()))
     return 0
 
 
-def print_table(results: dict[str, dict[int, dict[str, float]]], levels: list[int]) -> None:
+def print_table(results: dict[str, dict[int, dict[str, float]]], levels: list[int], ours: list[str]) -> None:
     print(f"\ncpus={os.cpu_count()}  model=MiniLM-L6 (fresh 2-label head)  one SST-2 dev sentence per request\n")
-    header = "conc | server        | req/s   p50 ms   p99 ms"
+    header = "conc | server        |  req/s   p50 ms   p99 ms  client CPU"
     print(header)
     print("-" * len(header))
     for level in levels:
         for name, by_level in results.items():
             r = by_level[level]
-            print(f"{level:4d} | {name:13s} | {r['rps']:6.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f}")
+            print(f"{level:4d} | {name:13s} | {r['rps']:6.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f}"
+                  f"  {r['client_cpu']:10.2f}")
     print("\nours / better naive (the naive server with the higher throughput at that level):")
-    print("conc | baseline      | throughput x   p50 x   p99 x")
+    print("conc | ours          | baseline      | throughput x   p50 x   p99 x")
     for level in levels:
         best = max(("naive-threads", "naive-loop"), key=lambda name: results[name][level]["rps"])
-        a, b = results[best][level], results["ours"][level]
-        print(f"{level:4d} | {best:13s} | {b['rps'] / a['rps']:12.2f} {b['p50_ms'] / a['p50_ms']:7.2f}"
-              f" {b['p99_ms'] / a['p99_ms']:7.2f}")
-    print("(throughput: higher is better; latency ratios: lower is better)")
+        a = results[best][level]
+        for name in ours:
+            b = results[name][level]
+            print(f"{level:4d} | {name:13s} | {best:13s} | {b['rps'] / a['rps']:12.2f}"
+                  f" {b['p50_ms'] / a['p50_ms']:7.2f} {b['p99_ms'] / a['p99_ms']:7.2f}")
+    print("(throughput: higher is better; latency ratios: lower is better; client CPU: cores the load"
+          " generator itself used)")
 
 
 if __name__ == "__main__":

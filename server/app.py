@@ -74,18 +74,18 @@ async def _load(state: ServerState) -> None:
         runner = ModelRunner(settings.model_dir, name=settings.name, max_length=settings.max_length,
                              precision=settings.precision)
         state.runner = runner
-        await asyncio.to_thread(runner.load, settings.torch_threads)
-        await asyncio.to_thread(runner.warm_up)
+        batcher = Batcher(
+            runner, metrics, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue, on_long_input=settings.on_long_input,
+        )
+        await batcher.on_model_thread(runner.load, settings.torch_threads)
+        await batcher.on_model_thread(runner.warm_up)
         state.feedback = _open_feedback(state)
         baseline = Baseline.from_dir(settings.model_dir)
         if baseline is not None:
             state.drift = DriftMonitor(
                 baseline, runner.labels, window=settings.drift_window, min_samples=settings.drift_min_samples
             )
-        batcher = Batcher(
-            runner, metrics, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
-            max_queue=settings.max_queue, on_long_input=settings.on_long_input,
-        )
         batcher.start()
         state.batcher = batcher
     except Exception as err:  # a bad export must show on /healthz and in the log, not kill the loop

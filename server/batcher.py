@@ -19,9 +19,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from finetune.server.metrics import ServerMetrics
 from finetune.server.model_runner import (
@@ -37,6 +38,7 @@ from finetune.server.model_runner import (
 Answer = tuple[Encoded, Classification | None]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Arrival:
@@ -69,27 +71,35 @@ class _Item:
         return max(len(self.texts), 1)
 
 
-def length_buckets(lengths: list[int], max_size: int, max_waste: float = 0.3) -> list[list[int]]:
-    """Split indices into passes of similar length: padding to the longest text is wasted compute.
+# What one extra forward pass costs, in padded tokens. Measured on MiniLM, 2 CPU cores: a pass costs
+# about 2.3 ms (bf16) / 4.5 ms (fp32) before its first token, a token about 0.05 / 0.14 ms; 64 is a
+# compromise (the plan is not sensitive near it: 48 to 120 all gave within 5% of the best throughput).
+PASS_OVERHEAD_TOKENS = 64
 
-    Indices are sorted by length and a pass grows while padding stays under `max_waste` of its tokens
-    and it holds at most `max_size` texts.
+
+def plan_passes(lengths: list[int], max_size: int, overhead_tokens: int = PASS_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Split text indices into forward passes at the least estimated cost: padding every text of a pass
+    to its longest one wastes compute, and every extra pass costs a fixed overhead.
+
+    Cost of a pass = overhead_tokens + texts x longest length. With the texts sorted by length the best
+    passes are contiguous runs, so a dynamic programme over the sorted order finds the optimum exactly.
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    chunks: list[list[int]] = []
-    chunk: list[int] = []
-    tokens = 0
-    for index in order:
-        n = lengths[index]  # the longest so far: the order is ascending
-        fits = len(chunk) < max_size and (len(chunk) + 1) * n <= (1 + max_waste) * (tokens + n)
-        if chunk and not fits:
-            chunks.append(chunk)
-            chunk, tokens = [], 0
-        chunk.append(index)
-        tokens += n
-    if chunk:
-        chunks.append(chunk)
-    return chunks
+    n = len(order)
+    best = [0] + [0] * n  # best[j]: least cost of the first j sorted texts
+    start = [0] * (n + 1)  # start[j]: where the last pass of that plan begins
+    for j in range(1, n + 1):
+        longest = lengths[order[j - 1]]
+        best[j] = -1
+        for i in range(max(0, j - max_size), j):
+            cost = best[i] + overhead_tokens + (j - i) * longest
+            if best[j] < 0 or cost < best[j]:
+                best[j], start[j] = cost, i
+    passes: list[list[int]] = []
+    while n > 0:
+        passes.append(order[start[n] : n])
+        n = start[n]
+    return passes[::-1]
 
 
 class Batcher:
@@ -112,6 +122,12 @@ class Batcher:
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finetune-model")
+
+    async def on_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on the model thread. Loading and warming up there too keeps every torch call on one
+        thread, so the process has one OpenMP thread team: a second team (from a loader thread) left
+        idle workers that cost a one-sentence pass about 1.5 ms."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="finetune-batcher")
@@ -202,7 +218,10 @@ class Batcher:
         if first.params is not None:  # generation: one request per pass
             return batch
         deadline = first.enqueued + self._max_wait
-        await asyncio.sleep(0)  # let requests already read by the server reach the queue first
+        if self._queue.empty():
+            # Let requests already read by the server reach the queue first. With work already queued,
+            # go on at once: the next pass then overlaps the answers of the last one being sent.
+            await asyncio.sleep(0)
         while texts < self._max_batch:
             try:
                 item = self._queue.get_nowait()
@@ -255,7 +274,7 @@ class Batcher:
         refused = [self._reject_long and any(e.truncated for e in group) for group in per_group]
         todo = [e.ids for group, skip in zip(per_group, refused, strict=True) if not skip for e in group]
         results: list[Classification | None] = [None] * len(todo)
-        for chunk in length_buckets([len(ids) for ids in todo], self._max_batch):
+        for chunk in plan_passes([len(ids) for ids in todo], self._max_batch):
             for index, result in zip(chunk, self._runner.classify([todo[i] for i in chunk]), strict=True):
                 results[index] = result
         answers: list[list[Answer]] = []

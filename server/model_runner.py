@@ -170,6 +170,8 @@ class ModelRunner:
             config.pad_token_id = self._pad_id
         # bf16 autocast: CPUs with native bf16 run it several times faster; the weights stay fp32.
         self._bf16 = self.precision == "bf16" or (self.precision == "auto" and cpu_has_bf16())
+        if self._bf16 and self.task == "text-classification":
+            _cast_linear_weights(self._model, torch.bfloat16)
         self.load_seconds = time.perf_counter() - started
         logger.info(
             "loaded %s model %r version %s from %s in %.2fs (token limit %d, %d torch threads)",
@@ -270,6 +272,16 @@ class ModelRunner:
             self.classify([ids, ids])
         else:
             self.generate(ids, GenerationParams(max_tokens=2, temperature=0.0))
+
+
+def _cast_linear_weights(model: Any, dtype: Any) -> None:
+    """Store Linear weights in `dtype` once. Autocast casts them to bf16 on every forward pass anyway
+    (same numbers), and that cast cost a third of a one-sentence pass on MiniLM."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.to(dtype)
 
 
 class _Progress:

@@ -48,7 +48,9 @@ class Ready:
             raise ApiError(404, "model_not_found", f"no model named {name!r}; this server serves {self.runner.name!r}")
 
 
-def get_state(request: Request) -> ServerState:
+# Dependencies are `async def` on purpose: FastAPI runs a plain `def` dependency on its thread pool,
+# a thread hop per dependency per request that cost more than the rest of the routing.
+async def get_state(request: Request) -> ServerState:
     state: ServerState = request.app.state.server
     return state
 
@@ -56,7 +58,7 @@ def get_state(request: Request) -> ServerState:
 StateDep = Annotated[ServerState, Depends(get_state)]
 
 
-def get_ready(state: StateDep) -> Ready:
+async def get_ready(state: StateDep) -> Ready:
     if not state.ready or state.runner is None or state.batcher is None:
         reason = f"the model failed to load: {state.load_error}" if state.load_error else "the model is loading"
         raise ApiError(503, "not_ready", reason, headers={"Retry-After": "5"})
@@ -68,7 +70,7 @@ def get_ready(state: StateDep) -> Ready:
 ReadyDep = Annotated[Ready, Depends(get_ready)]
 
 
-def require_token(request: Request, state: StateDep) -> None:
+async def require_token(request: Request, state: StateDep) -> None:
     """Bearer auth for inference and feedback; a no-op when no token is configured."""
     token = state.token.current()
     if token is None:

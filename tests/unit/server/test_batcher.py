@@ -69,7 +69,7 @@ async def test_a_request_larger_than_the_max_runs_in_chunks():
     batcher = make(runner, max_batch_size=4)
     result = await batcher.classify([str(i) for i in range(10)], timeout=5)
     assert labels(result) == [str(i) for i in range(10)]
-    assert runner.passes == [4, 4, 2]
+    assert sorted(runner.passes) == [2, 4, 4]
     await batcher.drain(1)
 
 
@@ -131,17 +131,43 @@ async def test_reject_policy_refuses_the_whole_request_with_a_long_text():
     await batcher.drain(1)
 
 
-def test_length_buckets_keep_padding_small_and_cover_every_text():
-    from finetune.server.batcher import length_buckets
+def test_plan_passes_groups_similar_lengths_and_covers_every_text():
+    from finetune.server.batcher import plan_passes
 
     lengths = [50, 10, 11, 52, 12, 9, 49, 10]
-    chunks = length_buckets(lengths, max_size=8)
-    assert sorted(i for chunk in chunks for i in chunk) == list(range(len(lengths)))
-    for chunk in chunks:
-        longest, total = max(lengths[i] for i in chunk), sum(lengths[i] for i in chunk)
-        assert len(chunk) * longest <= 1.3 * total
-    assert len(chunks) == 2  # the short ones together, the long ones together
-    assert [len(c) for c in length_buckets([10] * 10, max_size=4)] == [4, 4, 2]
+    passes = plan_passes(lengths, max_size=8, overhead_tokens=64)
+    assert sorted(i for p in passes for i in p) == list(range(len(lengths)))
+    # the short ones together, the long ones together: one pass of 8 would pad 5 short texts by ~40
+    assert sorted(sorted(p) for p in passes) == [[0, 3, 6], [1, 2, 4, 5, 7]]
+    # a cheap pass overhead splits more finely, an expensive one never splits
+    assert len(plan_passes(lengths, max_size=8, overhead_tokens=1)) > 2
+    assert len(plan_passes(lengths, max_size=8, overhead_tokens=10_000)) == 1
+    assert [len(p) for p in plan_passes([10] * 10, max_size=4)] in ([2, 4, 4], [4, 4, 2], [4, 2, 4], [3, 3, 4])
+    assert plan_passes([], max_size=4) == []
+
+
+def test_plan_passes_is_optimal_against_brute_force():
+    import itertools
+    import random
+
+    from finetune.server.batcher import plan_passes
+
+    def cost(passes, lengths, overhead):
+        return sum(overhead + len(p) * max(lengths[i] for i in p) for p in passes)
+
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 7))]
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        best = min(  # every way to cut the sorted order into runs of at most 3
+            cost([order[a:b] for a, b in itertools.pairwise((0, *cuts, len(order)))], lengths, 20)
+            for k in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), k)
+            if all(b - a <= 3 for a, b in itertools.pairwise((0, *cuts, len(order))))
+        )
+        passes = plan_passes(lengths, max_size=3, overhead_tokens=20)
+        assert all(len(p) <= 3 for p in passes)
+        assert cost(passes, lengths, 20) == best
 
 
 async def test_one_bad_request_does_not_fail_the_others_in_its_batch():
