@@ -230,7 +230,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=10.0, help="client timeout per request (an error)")
     parser.add_argument("--max-requests", type=int, default=3000, help="request limit per level and server")
     parser.add_argument("--rounds", type=int, default=3, help="alternations between the servers per level")
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "auto"], choices=["fp32", "bf16", "auto"],
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "auto"],
                         help="one `finetune serve --precision P` per value (the naive servers always run fp32)")
     parser.add_argument(
         "--naive-torch-threads", type=int, default=0, help="torch threads of the naive servers (0: torch's default)"

@@ -26,7 +26,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "--max-length": (int, "token limit per input (default: the tokenizer's)"),
     "--on-long-input": (str, "truncate (default) or reject (413) inputs over the token limit"),
     "--torch-threads": (int, "torch intra-op threads (default: the CPUs this process may use)"),
-    "--precision": (str, "fp32 (default, exact), bf16, or auto (bf16 on CPUs with native bf16)"),
+    "--model-workers": (int, "forward passes that may run at once, sharing the threads (default 2)"),
+    "--precision": (str, "auto (default: bf16 if the model was tested in bf16 and the CPU has it), fp32, bf16"),
 }
 
 

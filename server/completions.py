@@ -21,9 +21,9 @@ from finetune.server.errors import ApiError
 from finetune.server.model_runner import Completion, GenerationControl, GenerationParams
 from finetune.server.routes import check_count, encode, queued, run_model
 from finetune.server.schemas import CompletionRequest
-from finetune.server.state import AuthDep, Ready, ReadyDep
+from finetune.server.state import Ready, ready_parts
 
-router = APIRouter(tags=["inference"], dependencies=[AuthDep])
+router = APIRouter(tags=["inference"])  # behind the bearer token: AuthMiddleware in app.py
 
 
 def _check(body: CompletionRequest, ready: Ready) -> int:
@@ -57,8 +57,9 @@ def _params(body: CompletionRequest) -> GenerationParams:
 
 @router.post("/v1/completions", response_model=None)
 async def completions(
-    body: CompletionRequest, ready: ReadyDep, request: Request
+    body: CompletionRequest, request: Request
 ) -> dict[str, Any] | StreamingResponse:
+    ready = ready_parts(request)
     budget = _check(body, ready)
     encoded = await encode(ready, body.prompts(), limit=budget, keep="end")
     queued(request)

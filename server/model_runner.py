@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 Task = Literal["text-classification", "causal-lm"]
 # Tokenizers without a real limit report a huge sentinel (int(1e30)); anything above this is "unset".
 _NO_LIMIT = 1_000_000
+_per_thread = threading.local()
 
 
 class ModelLoadError(RuntimeError):
@@ -143,6 +144,10 @@ class ModelRunner:
         self.load_seconds = 0.0
         self._tokenizer: Any = None
         self._model: Any = None
+        # A fast tokenizer refuses concurrent calls that change its settings ("Already borrowed"), and
+        # seeded sampling uses torch's global RNG: both are serialized across the batcher's workers.
+        self._tokenizer_lock = threading.Lock()
+        self._generate_lock = threading.Lock()
 
     def load(self, torch_threads: int | None = None) -> None:
         import torch
@@ -168,16 +173,27 @@ class ModelRunner:
         if getattr(config, "pad_token_id", None) is None:
             # e.g. GPT-2-style classifiers find the last real token through pad_token_id
             config.pad_token_id = self._pad_id
-        # bf16 autocast: CPUs with native bf16 run it several times faster; the weights stay fp32.
-        self._bf16 = self.precision == "bf16" or (self.precision == "auto" and cpu_has_bf16())
+        # bf16 autocast: CPUs with native bf16 run it about twice as fast.
+        auto_bf16 = self.precision == "auto" and self._tested_in_bf16() and cpu_has_bf16()
+        self._bf16 = self.precision == "bf16" or auto_bf16
         if self._bf16 and self.task == "text-classification":
             _cast_linear_weights(self._model, torch.bfloat16)
         self.load_seconds = time.perf_counter() - started
         logger.info(
-            "loaded %s model %r version %s from %s in %.2fs (token limit %d, %d torch threads)",
+            "loaded %s model %r version %s from %s in %.2fs (token limit %d, %d torch threads, %s)",
             self.task, self.name, self.version, self.model_dir, self.load_seconds, self.max_length,
-            torch.get_num_threads(),
+            torch.get_num_threads(), self.compute_precision,
         )
+
+    @property
+    def compute_precision(self) -> str:
+        """What classification passes actually run in: "bf16" or "fp32"."""
+        return "bf16" if self._bf16 and self.task == "text-classification" else "fp32"
+
+    def _tested_in_bf16(self) -> bool:
+        """The trainer evaluated this export under bf16 autocast: serving in bf16 reproduces the test metrics."""
+        training = self.metrics.get("training")
+        return isinstance(training, dict) and training.get("mixed_precision") == "bf16"
 
     def _resolve_max_length(self, config: Any) -> int:
         candidates = [self._max_length_override, self._tokenizer.model_max_length]
@@ -190,7 +206,8 @@ class ModelRunner:
     def encode(self, texts: Sequence[str], *, limit: int | None = None, keep: str = "start") -> list[Encoded]:
         """Tokenize; inputs over `limit` tokens are cut (classification keeps the start, prompts the end)."""
         limit = limit or self.max_length
-        full = self._tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
+        with self._tokenizer_lock:
+            full = self._tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
         out = []
         for text, ids in zip(texts, full, strict=True):
             if not ids:  # "" with a tokenizer that adds no special tokens: give the model one token
@@ -201,11 +218,20 @@ class ModelRunner:
                 out.append(Encoded(list(ids[-limit:]), len(ids), True))
             else:
                 # Re-encode with the tokenizer's own truncation so special tokens ([SEP]) stay in place.
-                cut = self._tokenizer(text, truncation=True, max_length=limit)["input_ids"]
+                with self._tokenizer_lock:
+                    cut = self._tokenizer(text, truncation=True, max_length=limit)["input_ids"]
                 out.append(Encoded(list(cut), len(ids), True))
         return out
 
-    # --- model calls (the batcher's worker thread) ---------------------------------------------------
+    # --- model calls (the batcher's worker threads) --------------------------------------------------
+
+    def use_threads(self, threads: int) -> None:
+        """torch intra-op threads for the calling thread's next passes (OpenMP settings are per thread)."""
+        if getattr(_per_thread, "threads", None) != threads:
+            import torch
+
+            torch.set_num_threads(threads)
+            _per_thread.threads = threads
 
     def classify(self, batch: Sequence[Sequence[int]]) -> list[Classification]:
         import torch
@@ -228,12 +254,15 @@ class ModelRunner:
     def generate(
         self, ids: Sequence[int], params: GenerationParams, control: GenerationControl | None = None
     ) -> Completion:
+        with self._generate_lock:
+            return self._generate(ids, params, control or GenerationControl())
+
+    def _generate(self, ids: Sequence[int], params: GenerationParams, control: GenerationControl) -> Completion:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
-        control = control or GenerationControl()
-        progress = _Progress(self._tokenizer, params.stop, control)
+        progress = _Progress(self._tokenizer, self._tokenizer_lock, params.stop, control)
 
         class _Stop(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
@@ -247,7 +276,7 @@ class ModelRunner:
                 pass
 
         if params.seed is not None:
-            # Generation is serialized on one worker thread, so seeding the global RNG is per request.
+            # Generations are serialized (the lock in generate()), so seeding the global RNG is per request.
             torch.manual_seed(params.seed)
         sampling: dict[str, Any] = {"do_sample": False}
         if params.temperature > 0:
@@ -287,8 +316,9 @@ def _cast_linear_weights(model: Any, dtype: Any) -> None:
 class _Progress:
     """Tracks generated text: stop strings, incremental streaming with hold-back, eos."""
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str], control: GenerationControl) -> None:
+    def __init__(self, tokenizer: Any, lock: threading.Lock, stop: Sequence[str], control: GenerationControl) -> None:
         self._tokenizer = tokenizer
+        self._lock = lock
         self._stop = [s for s in stop if s]
         self._control = control
         self._ids: list[int] = []
@@ -303,7 +333,8 @@ class _Progress:
             self._seen_prompt = True
             return
         self._ids.extend(int(t) for t in value.reshape(-1).tolist())
-        self.text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        with self._lock:
+            self.text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
         cut = min((i for i in (self.text.find(s) for s in self._stop) if i >= 0), default=-1)
         if cut >= 0:
             self.text, self.stopped_by_string, self.done = self.text[:cut], True, True

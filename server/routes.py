@@ -19,12 +19,12 @@ from finetune.server.batcher import Overloaded
 from finetune.server.errors import ApiError
 from finetune.server.model_runner import Encoded
 from finetune.server.schemas import FeedbackRequest, PredictRequest
-from finetune.server.state import AuthDep, Ready, ReadyDep, StateDep
+from finetune.server.state import Ready, ready_parts, server_state
 
 T = TypeVar("T")
 
 ops = APIRouter(tags=["operations"])
-inference = APIRouter(tags=["inference"], dependencies=[AuthDep])
+inference = APIRouter(tags=["inference"])  # behind the bearer token: AuthMiddleware in app.py
 
 
 # --- shared by the inference routes ---------------------------------------------------------------------
@@ -77,16 +77,18 @@ async def run_model(ready: Ready, call: Awaitable[T]) -> T:
 
 
 @ops.get("/healthz")
-async def healthz(state: StateDep) -> JSONResponse:
+async def healthz(request: Request) -> JSONResponse:
     """Liveness: the process answers. A model that failed to load makes it fail so the pod restarts."""
+    state = server_state(request)
     if state.load_error:
         return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
 @ops.get("/readyz")
-async def readyz(state: StateDep) -> JSONResponse:
+async def readyz(request: Request) -> JSONResponse:
     """Readiness: the model is loaded and one warm-up batch went through."""
+    state = server_state(request)
     if state.ready:
         return JSONResponse({"status": "ready"})
     status = "error" if state.load_error else "loading"
@@ -94,8 +96,9 @@ async def readyz(state: StateDep) -> JSONResponse:
 
 
 @ops.get("/v1/models/{name}")
-async def model_status(name: str, state: StateDep) -> JSONResponse:
+async def model_status(name: str, request: Request) -> JSONResponse:
     """KServe v1 model ready state, with the version and task."""
+    state = server_state(request)
     runner = state.runner
     if runner is None:
         return JSONResponse({"name": name, "ready": False}, status_code=503)
@@ -104,12 +107,15 @@ async def model_status(name: str, state: StateDep) -> JSONResponse:
     body = {"name": runner.name, "ready": state.ready, "version": runner.version, "task": runner.task}
     if runner.labels:
         body["labels"] = runner.labels
+    if state.ready:
+        body["precision"] = runner.compute_precision
     return JSONResponse(body, status_code=200 if state.ready else 503)
 
 
 @ops.get("/metrics")
-async def metrics(state: StateDep) -> Response:
+async def metrics(request: Request) -> Response:
     # Gauges that summarise a window are computed at scrape time, not on every request.
+    state = server_state(request)
     if state.drift is not None:
         for feature, value in state.drift.values().items():
             state.metrics.drift.labels(feature=feature).set(value)
@@ -122,8 +128,9 @@ async def metrics(state: StateDep) -> Response:
 
 
 @inference.post("/v1/models/{name}:predict")
-async def predict(name: str, body: PredictRequest, ready: ReadyDep, request: Request) -> JSONResponse:
+async def predict(name: str, body: PredictRequest, request: Request) -> JSONResponse:
     """KServe v1 classification: `{"instances": [...]}` -> `{"predictions": [...]}`, order kept."""
+    ready = ready_parts(request)
     ready.check_name(name)
     if ready.runner.task != "text-classification":
         raise ApiError(400, "wrong_task", "this model is a causal LM; use POST /v1/completions")
@@ -150,8 +157,9 @@ async def predict(name: str, body: PredictRequest, ready: ReadyDep, request: Req
 
 
 @inference.post("/v1/feedback")
-async def feedback(body: FeedbackRequest, ready: ReadyDep) -> dict[str, Any]:
+async def feedback(body: FeedbackRequest, request: Request) -> dict[str, Any]:
     """Store what the right answer was, durably, for the next fine-tuning round."""
+    ready = ready_parts(request)
     runner = ready.runner
     if runner.task == "text-classification":
         if body.label is None:

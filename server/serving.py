@@ -45,13 +45,13 @@ def check_settings(settings: ServerSettings) -> None:
         raise ServeError(f"auth token: {err}") from None
 
 
-def _uvicorn_server(settings: ServerSettings) -> object:
+def _uvicorn_server(settings: ServerSettings, *, own_process: bool) -> object:
     import uvicorn
 
     from finetune.server.app import create_app
 
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, freeze_gc=own_process),
         host=settings.host,
         port=settings.port,
         lifespan="on",
@@ -67,7 +67,7 @@ def _uvicorn_server(settings: ServerSettings) -> object:
 def serve(settings: ServerSettings) -> None:
     """Serve until SIGTERM or Ctrl-C, then drain gracefully. Blocks; raises ServeError on bad settings."""
     check_settings(settings)
-    server = _uvicorn_server(settings)
+    server = _uvicorn_server(settings, own_process=True)
     logger.info("serving %s on http://%s:%d", settings.model_dir, settings.host, settings.port)
     server.run()  # type: ignore[attr-defined]
 
@@ -101,7 +101,7 @@ def start_in_thread(settings: ServerSettings, ready_timeout: float = 300.0) -> R
     Signals are left to the main thread (uvicorn only installs handlers there), so call `stop()`.
     """
     check_settings(settings)
-    server = _uvicorn_server(settings)
+    server = _uvicorn_server(settings, own_process=False)
     thread = threading.Thread(target=server.run, name="finetune-serve", daemon=True)  # type: ignore[attr-defined]
     thread.start()
     deadline = time.monotonic() + ready_timeout

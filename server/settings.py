@@ -57,11 +57,18 @@ class ServerSettings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; default: the CPUs this process may use.",
     )
+    model_workers: int | None = Field(
+        None, ge=1, le=64,
+        description="Forward passes that may run at once, splitting the torch threads between them; "
+        "default: 2 where at least 2 threads are usable, else 1.",
+    )
     precision: Literal["fp32", "bf16", "auto"] = Field(
-        "fp32",
-        description="Classification compute type: fp32 (exactly the exported model's scores), bf16 autocast "
-        "(several times faster on CPUs with native bf16; scores differ in the third decimal), or auto "
-        "(bf16 where the CPU supports it natively).",
+        "auto",
+        description="Classification compute type: fp32 (exactly the exported weights' scores), bf16 autocast "
+        "(about twice as fast on CPUs with native bf16; scores differ in the second or third decimal), or "
+        "auto: bf16 when the trainer tested the model under bf16 autocast (metrics.json "
+        "training.mixed_precision) and this CPU runs bf16 natively, so serving reproduces the tested "
+        "numbers; fp32 otherwise.",
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 when the queue is full.")
 

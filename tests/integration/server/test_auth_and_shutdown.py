@@ -37,6 +37,9 @@ def test_with_a_token_inference_and_feedback_need_it(classifier_dir, start_serve
     assert missing.json()["error"]["type"] == "unauthorized"
     wrong = httpx.post(server.url + PREDICT, json=body, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401
+    # the token is checked before the body is read: no parse errors, no size checks for strangers
+    assert httpx.post(server.url + PREDICT, content=b"{not json").status_code == 401
+    assert httpx.post(server.url + "/v1/completions", content=b"x" * 2_000_000).status_code == 401
     good = {"Authorization": "Bearer s3cret"}
     assert httpx.post(server.url + PREDICT, json=body, headers=good).status_code == 200
     feedback = {"input": "a", "label": "positive"}

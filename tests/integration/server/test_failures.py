@@ -49,7 +49,9 @@ def test_ready_only_after_load_and_warm_up(classifier_dir, tmp_path, monkeypatch
         real_warm_up(self)
 
     monkeypatch.setattr(ModelRunner, "warm_up", slow_warm_up)
-    server = _uvicorn_server(ServerSettings(model_dir=classifier_dir, port=0, feedback_path=tmp_path / "f.jsonl"))
+    server = _uvicorn_server(
+        ServerSettings(model_dir=classifier_dir, port=0, feedback_path=tmp_path / "f.jsonl"), own_process=False
+    )
     thread = threading.Thread(target=server.run, daemon=True)  # type: ignore[attr-defined]
     thread.start()
     try:

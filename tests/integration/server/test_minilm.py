@@ -61,3 +61,51 @@ def test_bf16_precision_keeps_labels_and_scores_close(minilm_dir, start_server, 
         if abs(x["scores"]["positive"] - 0.5) > 0.01:
             assert x["label"] == y["label"]
     assert any(x["scores"] != y["scores"] for x, y in zip(a, b, strict=True)), "bf16 was not used"
+
+
+def test_concurrent_requests_on_two_workers_match_direct_outputs(minilm_dir, start_server, sst2_holdout):
+    """Under load a batch is split between two model threads running at once (shared weights and
+    tokenizer): every answer must still be the model's own output for that sentence."""
+    import asyncio
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = sst2_holdout[:40]
+    server = start_server(minilm_dir, model_workers=2, torch_threads=2, max_wait_ms=50)
+    url = f"{server.url}/v1/models/minilm-sst2:predict"
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=len(texts))) as client:
+            return await asyncio.gather(*(client.post(url, json={"instances": [t]}) for t in texts))
+
+    answers = asyncio.run(fire())
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir).eval()
+    with torch.inference_mode():
+        expected = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.softmax(-1).tolist()
+    for answer, probs in zip(answers, expected, strict=True):
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["predictions"][0]["scores"]["positive"] == pytest.approx(probs[1], abs=1e-4)
+
+
+def test_auto_precision_serves_in_bf16_only_what_was_tested_in_bf16(minilm_dir, start_server, tmp_path):
+    """auto (the default) reproduces the trainer's test numbers: bf16 only for an export the trainer
+    evaluated under bf16 autocast, and only on a CPU with native bf16."""
+    import shutil
+
+    from finetune.hardware import cpu_has_bf16
+
+    tested_bf16 = tmp_path / "minilm-sst2"
+    shutil.copytree(minilm_dir, tested_bf16)
+    metrics = json.loads((tested_bf16 / "metrics.json").read_text())
+    metrics["training"] = {"mixed_precision": "bf16"}
+    (tested_bf16 / "metrics.json").write_text(json.dumps(metrics))
+
+    def precision(server) -> str:
+        return httpx.get(f"{server.url}/v1/models/minilm-sst2").json()["precision"]
+
+    assert precision(start_server(minilm_dir)) == "fp32"  # no training record: exact
+    assert precision(start_server(tested_bf16)) == ("bf16" if cpu_has_bf16() else "fp32")
+    assert precision(start_server(tested_bf16, precision="fp32")) == "fp32"
+    assert precision(start_server(minilm_dir, precision="bf16")) == "bf16"

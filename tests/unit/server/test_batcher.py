@@ -21,12 +21,19 @@ class RecordingRunner:
         self.delay = delay
         self.fail_on: int | None = None
         self.threads: set[str] = set()
+        self.torch_threads: list[tuple[str, int]] = []  # (model thread, torch threads) per use_threads call
+        self._torch_threads = threading.local()
+
+    def use_threads(self, threads: int) -> None:
+        self._torch_threads.value = threads
+        self.torch_threads.append((threading.current_thread().name, threads))
 
     def encode(self, texts):
         return [Encoded([int(t)], len(t), len(t) > 3) for t in texts]
 
     def classify(self, batch):
         self.threads.add(threading.current_thread().name)
+        assert self._torch_threads.value >= 1, "use_threads() must come before a pass"
         self.passes.append(len(batch))
         time.sleep(self.delay)
         if self.fail_on is not None and any(ids[0] == self.fail_on for ids in batch):
@@ -51,7 +58,7 @@ async def test_a_lone_request_does_not_wait_for_company():
     started = time.perf_counter()
     assert labels(await batcher.classify(["7"], timeout=5)) == ["7"]
     assert time.perf_counter() - started < 0.2  # not the 500 ms max wait
-    assert runner.threads == {"finetune-model_0"}  # off the event loop, on the model thread
+    assert runner.threads == {"finetune-model-0_0"}  # off the event loop, on the model thread
     await batcher.drain(1)
 
 
@@ -182,4 +189,45 @@ async def test_one_bad_request_does_not_fail_the_others_in_its_batch():
     assert labels(good) == ["1"]
     assert isinstance(bad, RuntimeError)
     assert 2 in runner.passes, "the two should first have shared a pass"
+    await batcher.drain(1)
+
+
+async def test_lone_requests_always_take_the_first_worker_with_every_thread():
+    runner = RecordingRunner()
+    batcher = make(runner, workers=2, threads=2)
+    for i in range(5):
+        assert labels(await batcher.classify([str(i)], timeout=5)) == [str(i)]
+    # always the same thread: alternating would leave the other's OpenMP threads spinning
+    assert set(runner.torch_threads) == {("finetune-model-0_0", 2)}
+    await batcher.drain(1)
+
+
+async def test_a_big_batch_is_split_between_two_idle_workers_one_thread_each():
+    runner = RecordingRunner(delay=0.05)
+    batcher = make(runner, workers=2, threads=2, max_wait_ms=50.0, max_batch_size=16)
+    texts = [[str(i) * (1 + i % 3)] for i in range(1, 10)]  # 9 requests of different lengths
+    arrivals = [batcher.arrival() for _ in texts]  # all on their way in: the dispatcher waits for them
+
+    async def request(text: list[str], arrival) -> list:
+        arrival.done()
+        return await batcher.classify(text, timeout=5)
+
+    results = await asyncio.gather(*(request(t, a) for t, a in zip(texts, arrivals, strict=True)))
+    assert [labels(r) for r in results] == texts
+    assert runner.threads == {"finetune-model-0_0", "finetune-model-1_0"}
+    assert {n for _, n in runner.torch_threads} == {1}, (runner.torch_threads, runner.passes)
+    assert sum(runner.passes) == 9
+    await batcher.drain(1)
+
+
+async def test_a_second_worker_serves_while_the_first_is_busy():
+    runner = RecordingRunner(delay=0.3)
+    batcher = make(runner, workers=2, threads=2)
+    started = time.perf_counter()
+    first = asyncio.ensure_future(batcher.classify(["1"], timeout=5))
+    await asyncio.sleep(0.05)
+    assert labels(await batcher.classify(["2"], timeout=5)) == ["2"]
+    assert labels(await first) == ["1"]
+    assert time.perf_counter() - started < 0.55, "the passes ran one after the other (2 x 0.3 s)"
+    assert runner.torch_threads == [("finetune-model-0_0", 2), ("finetune-model-1_0", 1)]
     await batcher.drain(1)
