@@ -109,3 +109,23 @@ def test_auto_precision_serves_in_bf16_only_what_was_tested_in_bf16(minilm_dir, 
     assert precision(start_server(tested_bf16)) == ("bf16" if cpu_has_bf16() else "fp32")
     assert precision(start_server(tested_bf16, precision="fp32")) == "fp32"
     assert precision(start_server(minilm_dir, precision="bf16")) == "bf16"
+
+
+def test_short_input_classifiers_use_plain_attention_long_ones_keep_the_default(minilm_dir, tmp_path):
+    """Matmul attention is faster for short inputs but its memory grows with length squared."""
+    import shutil
+
+    from finetune.server.model_runner import ModelRunner
+
+    runner = ModelRunner(minilm_dir)
+    runner.load(torch_threads=1)
+    assert runner._model.config._attn_implementation == "eager"  # MiniLM: 512 positions
+
+    long_dir = tmp_path / "long"
+    shutil.copytree(minilm_dir, long_dir)
+    config = json.loads((long_dir / "config.json").read_text())
+    config["max_position_embeddings"] = 4096
+    (long_dir / "config.json").write_text(json.dumps(config))
+    long = ModelRunner(long_dir)
+    assert long._attention_choice() == {}
+    assert ModelRunner(long_dir, max_length=256)._attention_choice() == {"attn_implementation": "eager"}
