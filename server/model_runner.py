@@ -220,7 +220,10 @@ class ModelRunner:
         """Tokenize; inputs over `limit` tokens are cut (classification keeps the start, prompts the end)."""
         limit = limit or self.max_length
         with self._tokenizer_lock:
-            full = self._tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
+            full = self._tokenizer(
+                list(texts), truncation=False, verbose=False, return_attention_mask=False,
+                return_token_type_ids=False,
+            )["input_ids"]
         out = []
         for text, ids in zip(texts, full, strict=True):
             if not ids:  # "" with a tokenizer that adds no special tokens: give the model one token
@@ -250,11 +253,9 @@ class ModelRunner:
         import torch
 
         width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention[row, : len(ids)] = 1
+        # Padded rows as Python lists, then one tensor each: a copy per row cost more than the small passes.
+        input_ids = torch.tensor([[*ids, *[self._pad_id] * (width - len(ids))] for ids in batch], dtype=torch.long)
+        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], dtype=torch.long)
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16):
             probs = self._model(input_ids=input_ids, attention_mask=attention).logits.float().softmax(-1)
         results = []
