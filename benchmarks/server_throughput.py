@@ -228,7 +228,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32], help="concurrency levels")
     parser.add_argument("--seconds", type=float, default=10.0, help="time limit per level and server")
     parser.add_argument("--timeout", type=float, default=10.0, help="client timeout per request (an error)")
-    parser.add_argument("--max-requests", type=int, default=3000, help="request limit per level and server")
+    parser.add_argument(
+        "--max-requests", type=int, default=30000,
+        help="request limit per level and server: a safety bound; the time limit should end each round (a low "
+        "limit ended the fast servers' rounds early, so their ramp-up and ramp-down weighed more)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="alternations between the servers per level")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "auto"],
                         help="one `finetune serve --precision P` per value (the naive servers always run fp32)")
