@@ -63,6 +63,7 @@ def _server_container(job: api.FineTuneJob, model_path: str, image: str) -> JSON
         # `finetune serve` reads every setting from FINETUNE_SERVE_<NAME> as well as from its flags.
         {"name": "FINETUNE_SERVE_MAX_BATCH_SIZE", "value": str(serving.max_batch_size)},
         {"name": "FINETUNE_SERVE_MAX_WAIT_MS", "value": f"{serving.max_wait_ms:g}"},
+        {"name": "FINETUNE_SERVE_PRECISION", "value": serving.precision},
     ]
     mounts: list[JSON] = [{"name": "workspace", "mountPath": WORKSPACE}, {"name": "tmp", "mountPath": "/tmp"}]
     if serving.auth_secret_name:

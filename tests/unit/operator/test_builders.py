@@ -266,7 +266,7 @@ def test_output_dir(job_builder: Callable[..., FineTuneJob]) -> None:
 
 
 def test_serving_deployment(job_builder: Callable[..., FineTuneJob]) -> None:
-    job = job_builder(serving={"replicas": 3, "cpu": "2", "memory": "4Gi"})
+    job = job_builder(serving={"replicas": 3, "cpu": "2", "memory": "4Gi", "precision": "fp32"})
     dep = builders.build_serving_deployment(job, uid=UID, model_path="/workspace/sst2/run-1", image="img:1")
     spec = dep["spec"]
     assert spec["replicas"] == 3
@@ -280,6 +280,8 @@ def test_serving_deployment(job_builder: Callable[..., FineTuneJob]) -> None:
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["ports"] == [{"name": "http", "containerPort": 8080}]
     assert container["resources"]["requests"] == {"cpu": "2", "memory": "4Gi"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["FINETUNE_SERVE_PRECISION"] == "fp32" and env["FINETUNE_SERVE_MAX_BATCH_SIZE"] == "32"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     notes = spec["template"]["metadata"]["annotations"]
     assert notes["prometheus.io/scrape"] == "true" and notes["prometheus.io/port"] == "8080"
