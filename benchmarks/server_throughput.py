@@ -1,6 +1,6 @@
 """Throughput and latency of `finetune serve` against naive one-pipeline-call-per-request servers.
 
-    .venv/bin/python benchmarks/server_throughput.py                     # ~3 minutes on 2 cores
+    .venv/bin/python benchmarks/server_throughput.py                     # ~4 minutes on 2 cores
     .venv/bin/python benchmarks/server_throughput.py --seconds 6 --levels 1 32
 
 What it does, in one invocation on one machine:
@@ -8,13 +8,15 @@ What it does, in one invocation on one machine:
    (throughput does not depend on what the head learned);
 2. starts, each as a subprocess on 127.0.0.1 and all on the same directory:
    - `naive-threads`: FastAPI + a Hugging Face `pipeline("text-classification")`, one pipeline call per
-     request, no batching, a plain sync endpoint (FastAPI runs it on its thread pool) — the usual first
-     version;
+     request, no batching, fp32, a plain sync endpoint (FastAPI runs it on its thread pool) — the usual
+     first version;
    - `naive-loop`: the same, but an `async def` endpoint, so calls run one at a time on the event loop;
-   - `ours`: `finetune serve`;
-3. drives each with a closed-loop asyncio + httpx load generator at concurrency 1, 8 and 32 (one real
-   SST-2 dev sentence per request, the same KServe v1 body for all), bounded by a request count and a
-   time limit, alternating between the servers in short rounds so that background load hits all alike;
+   - `ours-fp32`, `ours-bf16`: `finetune serve --precision P` for each of `--precisions`;
+3. drives each with a closed-loop load generator (one keep-alive connection per virtual user, requests
+   encoded beforehand, so that the client takes little of the CPU the servers share; its CPU use is
+   printed) at concurrency 1, 8 and 32 (one real SST-2 dev sentence per request, the same KServe v1 body
+   for all), bounded by a request count and a time limit, alternating between the servers in short
+   rounds so that background load hits all alike;
 4. prints throughput, p50 and p99 latency per server and level, and ours / the better naive server
    at that level (the higher throughput), so the ratios are never flattered by a weak baseline.
    The naive servers run with torch's default thread count, as a naive server does

@@ -10,10 +10,10 @@ server goes straight to the model and pays no batching delay. Texts are tokenize
 one tokenizer call on the model thread.
 
 With several workers (`workers`, default 2 where 2 CPUs are usable) a second batch runs while the
-first is still in its forward pass, and the CPUs are split between the passes that run: a lone pass gets
-all `threads`, two overlapping passes get half each. On 2 CPUs two one-thread passes did 37% more
-sentences/s (bf16) than one two-thread pass, which loses time in thread barriers, while a lone request
-still gets both CPUs.
+first is still in its forward pass. A lone pass gets all `threads`; under load every pass gets an even
+share (one thread each on 2 CPUs: two one-thread passes did 37% more sentences/s in bf16 than one
+two-thread pass, which loses time in thread barriers), and every batch takes at most a fair share of the
+work in the server, so the two workers carry even loads.
 
 The queue is bounded: when it is full, submitting raises `Overloaded` (the route answers 503 with
 Retry-After) instead of letting memory grow. Generation (causal LM) runs one request per pass.
