@@ -85,7 +85,7 @@ async def _load(state: ServerState) -> None:
             max_queue=settings.max_queue, on_long_input=settings.on_long_input,
             workers=settings.model_workers or min(2, threads), threads=threads,
         )
-        await batcher.on_model_thread(runner.load, settings.torch_threads)
+        await batcher.on_model_thread(runner.load, threads)
         await batcher.on_model_thread(runner.warm_up)
         state.feedback = _open_feedback(state)
         baseline = Baseline.from_dir(settings.model_dir)

@@ -1,13 +1,13 @@
 """Dynamic micro-batching: concurrent requests share one forward pass, off the event loop.
 
-A worker task takes the oldest request from a bounded queue, gathers every other queued request that
-fits into `max_batch_size` texts, and runs them as one forward pass on its own model thread. While that
-pass runs, new requests pile up in the queue and form the next batch, so under load the batches grow by
-themselves. A worker waits for stragglers (at most `max_wait_ms` after the oldest request was queued)
-only under concurrency: while other model requests are still being read and validated (`arrival()`,
-marked by an ASGI middleware) or when the last pass served several requests. A lone client on an idle
-server goes straight to the model and pays no batching delay. Texts are tokenized with their batch, in
-one tokenizer call on the model thread.
+A dispatcher task takes the oldest request from a bounded queue, gathers every other queued request
+that fits into `max_batch_size` texts, and hands them to an idle model worker (a thread of its own) as
+one batch. While that runs, new requests pile up in the queue and form the next batch, so under load the
+batches grow by themselves. The dispatcher waits for stragglers (at most `max_wait_ms` after the
+oldest request was queued) only under concurrency: while other model requests are still being read and
+validated (`arrival()`, marked by an ASGI middleware) or when the last batch served several requests.
+A lone client on an idle server goes straight to the model and pays no batching delay. Texts are
+tokenized with their batch, in one tokenizer call on the model thread.
 
 With several workers (`workers`, default 2 where 2 CPUs are usable) a second batch runs while the
 first is still in its forward pass. A lone pass gets all `threads`; under load every pass gets an even
@@ -93,15 +93,13 @@ def plan_passes(lengths: list[int], max_size: int, overhead_tokens: int = PASS_O
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     n = len(order)
-    best = [0] + [0] * n  # best[j]: least cost of the first j sorted texts
+    best = [0] * (n + 1)  # best[j]: least cost of the first j sorted texts
     start = [0] * (n + 1)  # start[j]: where the last pass of that plan begins
     for j in range(1, n + 1):
         longest = lengths[order[j - 1]]
-        best[j] = -1
-        for i in range(max(0, j - max_size), j):
-            cost = best[i] + overhead_tokens + (j - i) * longest
-            if best[j] < 0 or cost < best[j]:
-                best[j], start[j] = cost, i
+        best[j], start[j] = min(
+            (best[i] + overhead_tokens + (j - i) * longest, i) for i in range(max(0, j - max_size), j)
+        )
     passes: list[list[int]] = []
     while n > 0:
         passes.append(order[start[n] : n])
@@ -126,7 +124,6 @@ class Batcher:
         self._carry: _Item | None = None  # taken from the queue but did not fit into the last batch
         self._arriving = 0  # model requests being read and validated, not yet queued
         self._last_batch = 1  # requests in the last forward pass: the concurrency we have seen lately
-        self._busy = 0  # workers running a forward pass
         self._in_flight = 0  # texts in running passes
         self._closing = False
         self._threads = threads or default_torch_threads()
@@ -145,6 +142,11 @@ class Batcher:
 
     def start(self) -> None:
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name="finetune-batcher")
+
+    @property
+    def _busy(self) -> int:
+        """Workers running a batch."""
+        return len(self._executors) - len(self._idle)
 
     @property
     def depth(self) -> int:
@@ -215,7 +217,6 @@ class Batcher:
                 continue
             worker = min(self._idle)
             self._idle.discard(worker)
-            self._busy += 1
             self._in_flight += sum(item.size for item in batch)
             task = loop.create_task(self._run_pass(batch, worker, self._threads_for_pass()))
             self._passes.add(task)
@@ -224,7 +225,7 @@ class Batcher:
     def _threads_for_pass(self) -> int:
         """Every thread for a lone pass (nothing else running, queued or arriving); under load an even
         share, so that overlapping passes never ask for more threads than there are CPUs."""
-        lone = self._busy == 1 and self.depth == 0 and self._arriving == 0
+        lone = self._busy == 1 and self.depth == 0 and self._arriving == 0  # the pass being dispatched
         return self._threads if lone else max(1, self._threads // len(self._executors))
 
     def _fair_share(self, taken: int) -> int:
@@ -240,7 +241,6 @@ class Batcher:
             await self._process_isolated(batch, worker, threads)
         finally:
             self._in_flight -= sum(item.size for item in batch)
-            self._busy -= 1
             self._idle.add(worker)
             self._idle_changed.set()
 

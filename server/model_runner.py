@@ -166,7 +166,7 @@ class ModelRunner:
             self.labels = [str(config.id2label[i]) for i in range(config.num_labels)]
         elif self._tokenizer.pad_token_id is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
-        self.max_length = self._resolve_max_length(config)
+        self.max_length = self._resolve_max_length()
         self.version = self.version or content_hash(self.model_dir)
         self._pad_id = int(self._tokenizer.pad_token_id or 0)
         tok = self._tokenizer
@@ -191,10 +191,8 @@ class ModelRunner:
         """Plain matmul attention for short-input classifiers: on one CPU thread it ran MiniLM on SST-2
         9% faster than torch's flash kernel, which pays off only for long sequences. Its memory grows
         with length squared, so models that take more than 512 tokens keep the library's choice."""
-        limit = int(self.config.get("max_position_embeddings") or self.config.get("n_positions") or 0)
-        if self._max_length_override:
-            limit = min(limit, self._max_length_override) if limit else self._max_length_override
-        if self.task == "text-classification" and 0 < limit <= 512:
+        limits = self._declared_limits()
+        if self.task == "text-classification" and limits and min(limits) <= 512:
             return {"attn_implementation": "eager"}
         return {}
 
@@ -208,10 +206,16 @@ class ModelRunner:
         training = self.metrics.get("training")
         return isinstance(training, dict) and training.get("mixed_precision") == "bf16"
 
-    def _resolve_max_length(self, config: Any) -> int:
-        candidates = [self._max_length_override, self._tokenizer.model_max_length]
-        candidates += [getattr(config, key, None) for key in ("max_position_embeddings", "n_positions")]
-        limits = [int(c) for c in candidates if isinstance(c, int) and 0 < c < _NO_LIMIT]
+    def _declared_limits(self) -> list[int]:
+        """Token limits known before loading: --max-length and the model's positions (config.json)."""
+        positions = (self.config.get(key) for key in ("max_position_embeddings", "n_positions"))
+        candidates = [self._max_length_override, *positions]
+        return [int(c) for c in candidates if isinstance(c, int) and 0 < c < _NO_LIMIT]
+
+    def _resolve_max_length(self) -> int:
+        limits = self._declared_limits()
+        if isinstance(self._tokenizer.model_max_length, int) and 0 < self._tokenizer.model_max_length < _NO_LIMIT:
+            limits.append(self._tokenizer.model_max_length)
         return min(limits) if limits else 512
 
     # --- tokenization (any thread) -------------------------------------------------------------------
