@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from finetune.spec import ModelSource, SpecError
-from finetune.trainer.models import load_kwargs, resolve_source
+from finetune.trainer.models import load_failure, load_kwargs, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ def load_causal_model(model: ModelSource, *, dtype: Any = None, attn_implementat
     try:
         lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        raise SpecError(f"spec.model: cannot load {source!r} as a causal LM: {err}") from None
+        raise load_failure("a causal LM from", source, err) from None
     lm.config.use_cache = False
     return lm
 

@@ -31,7 +31,6 @@ from finetune.trainer.pipeline import (
     metrics_document,
     resume_or_start,
     save_weights,
-    termination_summary,
 )
 from finetune.trainer.report import Reporter
 
@@ -118,6 +117,6 @@ def train_causal_lm(job: FineTuneJob, output: Path, accelerator: Any) -> dict[st
         metrics["training"]["wall_time_seconds"] = round(time.time() - started, 2)
         prompt_lengths = [len(e.prompt_ids) for e in generation_examples(data.train, tokenizer, cfg.max_length)]
         finish_export(output, metrics, baseline_stats(spec.task, prompt_lengths or lengths, None))
-        reporter.finished(termination_summary(output, metrics))
+        reporter.finished()
     accelerator.wait_for_everyone()
     return metrics

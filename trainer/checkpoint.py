@@ -38,6 +38,7 @@ class TrainState:
     tokens_seen: int = 0
     train_seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_step: int = 0  # the checkpoint this process started from; 0 = a fresh start
 
 
 def checkpoint_root(output: Path) -> Path:

@@ -1,51 +1,253 @@
-"""`finetune train -f JOB --output DIR [--processes N]`.
+"""`finetune train`: one launcher for a laptop and for every trainer pod.
 
-With --processes N > 1 the same entry point runs as N local processes under torch's elastic launcher
-(gloo on CPUs, NCCL on GPUs), each a real rank of a world of size N.
+    finetune train -f job.yaml --output out/                       # one process
+    finetune train -f job.yaml --output out/ --processes 2         # 2 local ranks (gloo on CPUs)
+    finetune train -f /etc/finetune/job.yaml --output /workspace/j/run-1 \\
+        --nodes 2 --node-rank 0 --processes 8 --rendezvous j-0.j:29500 --termination-log /dev/termination-log
+
+World size = nodes x processes. Several ranks run under torch's elastic launcher (static rendezvous at
+`--rendezvous` across nodes), NCCL on GPUs and gloo on CPUs. Why not `accelerate launch`: it turns any
+child failure into exit code 1 and, on CPUs, forms no world at all. Here every rank leaves a
+`RankOutcome` file, and the launcher exits with the trainer's own exit code (2 stays 2), prints the
+trainer's one-line error last and, with `--termination-log`, leaves a `TerminationMessage` there.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from finetune.spec import load_job
+from finetune.contracts import (
+    EXIT_PERMANENT,
+    LOG_TAIL_LINES,
+    FirstFailure,
+    RankOutcome,
+    TerminationMessage,
+    one_line,
+)
+from finetune.spec import SpecError, load_job
+
+log = logging.getLogger(__name__)
 
 
-def launch_command(job_file: str, output: str, processes: int) -> list[str]:
+@dataclass(frozen=True)
+class World:
+    """Where this launcher's ranks sit in the run's world."""
+
+    nodes: int = 1
+    node_rank: int = 0
+    processes: int = 1
+    rendezvous: tuple[str, int] | None = None
+
+    @property
+    def size(self) -> int:
+        return self.nodes * self.processes
+
+    def ranks(self) -> range:
+        return range(self.node_rank * self.processes, (self.node_rank + 1) * self.processes)
+
+
+def parse_world(nodes: int, node_rank: str, processes: int, rendezvous: str | None) -> World:
+    """The world from the command line; a SpecError (exit 2) for values that can never work."""
+    if nodes < 1 or processes < 1:
+        raise SpecError(f"--nodes and --processes must be at least 1 (got {nodes} and {processes})")
+    if not node_rank.isdigit() or int(node_rank) >= nodes:
+        raise SpecError(f"--node-rank must be a number from 0 to {nodes - 1}, got {node_rank!r}")
+    address = None
+    if rendezvous:
+        host, _, port = rendezvous.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SpecError(f"--rendezvous must be HOST:PORT, got {rendezvous!r}")
+        address = (host, int(port))
+    elif nodes > 1:
+        raise SpecError("--nodes above 1 needs --rendezvous HOST:PORT (node 0's address)")
+    return World(nodes, int(node_rank), processes, address)
+
+
+def launch_command(job_file: str, output: str, world: World) -> list[str]:
     entry = ["-m", "finetune.trainer.entry", "--job", job_file, "--output", output]
-    if processes <= 1:
+    if world.size == 1:
         return [sys.executable, *entry]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *entry]
+    launcher = [sys.executable, "-m", "finetune.trainer.elastic", f"--nproc_per_node={world.processes}"]
+    if world.nodes == 1:
+        return [*launcher, "--standalone", *entry]
+    assert world.rendezvous is not None
+    host, port = world.rendezvous
+    return [*launcher, f"--nnodes={world.nodes}", f"--node_rank={world.node_rank}", f"--master_addr={host}",
+            f"--master_port={port}", "--max_restarts=0", *entry]
 
 
-def run_training(job_file: str, output: str, processes: int) -> int:
-    """Validate the job here (one readable error instead of N), then start the trainer process(es)."""
-    load_job(job_file)
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(processes, 1)))}
-    proc = subprocess.Popen(launch_command(job_file, output, processes), env=env)
-    # SIGTERM/SIGINT to this command reach the trainer too, so stopping it never leaves an orphan training.
+def thread_count(processes: int) -> str:
+    """The user's OMP_NUM_THREADS, else the pod's CPU limit (FINETUNE_CPUS) or this machine's cores, shared."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return os.environ["OMP_NUM_THREADS"]
+    cpus = os.environ.get("FINETUNE_CPUS", "")
+    total = int(cpus) if cpus.isdigit() and int(cpus) > 0 else (os.cpu_count() or 1)
+    return str(max(1, total // processes))
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGKILL it when the launcher dies (Linux), so no training is orphaned."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+class Tail:
+    """Copies a child's output through to this process's stderr, keeping the last lines."""
+
+    def __init__(self, stream: IO[bytes], lines: int = LOG_TAIL_LINES) -> None:
+        self.lines: collections.deque[str] = collections.deque(maxlen=lines)
+        self.thread = threading.Thread(target=self._copy, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _copy(self, stream: IO[bytes]) -> None:
+        for raw in iter(stream.readline, b""):
+            sys.stderr.buffer.write(raw)
+            sys.stderr.buffer.flush()
+            line = raw.decode(errors="replace").rstrip()
+            if line.strip():
+                self.lines.append(line)
+
+    def join(self) -> list[str]:
+        self.thread.join(timeout=30)
+        return list(self.lines)
+
+
+def run_child(command: list[str], env: dict[str, str], capture: bool) -> tuple[int, list[str]]:
+    """Run the trainer process(es); SIGTERM/SIGINT go on to them. Returns the exit code and the log tail."""
+    preexec: Callable[[], None] | None = _die_with_parent if sys.platform.startswith("linux") else None
+    out = subprocess.PIPE if capture else None
+    proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT if capture else None,
+                            preexec_fn=preexec)
+    tail = Tail(proc.stdout) if capture and proc.stdout is not None else None
     forward = {sig: signal.signal(sig, lambda s, _f: proc.send_signal(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return proc.wait()
+        code = proc.wait()
     finally:
         for sig, previous in forward.items():
             signal.signal(sig, previous)
+    return code, tail.join() if tail else []
+
+
+def describe_exit(code: int) -> str:
+    if code < 0 or code > 128:
+        number = -code if code < 0 else code - 128
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        return f"killed by {name}"
+    return f"exit code {code}"
+
+
+def decide(outcomes: list[RankOutcome], first: FirstFailure | None, child_code: int, world: World,
+           tail: list[str]) -> TerminationMessage:
+    """One exit code and message for the pod from every rank's outcome, what torch's launcher saw fail
+    first, and the launcher's exit code. A permanent error wins (no retry can help, whoever saw it);
+    then the rank that failed first, whose error is the cause (the others lost their peer)."""
+    mine = {o.rank: o for o in outcomes if o.rank in world.ranks()}
+    base = {"node_rank": world.node_rank, "log_tail": tail}
+    permanent = [o for o in mine.values() if o.permanent]
+    if permanent:
+        cause = min(permanent, key=lambda o: o.rank)
+        return TerminationMessage(exit_code=EXIT_PERMANENT, permanent=True, message=cause.message,
+                                  failed_rank=cause.rank, **base)
+    if first is not None and first.rank not in mine:
+        how = f"killed by {first.signal}" if first.signal else describe_exit(first.exit_code)
+        hint = " (out of memory, or killed)" if first.signal == "SIGKILL" else ""
+        return TerminationMessage(exit_code=1, message=f"training process (rank {first.rank}) ended without a "
+                                  f"result: {how}{hint}", failed_rank=first.rank, **base)
+    failed = sorted((o for o in mine.values() if o.exit_code != 0), key=lambda o: o.rank)
+    if failed:
+        cause = next((o for o in failed if first is not None and o.rank == first.rank), failed[0])
+        return TerminationMessage(exit_code=cause.exit_code, message=cause.message, failed_rank=cause.rank, **base)
+    if child_code != 0:
+        missing = [r for r in world.ranks() if r not in mine]
+        who = f"training process (rank {missing[0]})" if missing else "torch's launcher"
+        code = child_code if 0 < child_code < 128 and child_code != EXIT_PERMANENT else 1
+        hint = " (out of memory, or killed)" if child_code in (-signal.SIGKILL, 128 + signal.SIGKILL) else ""
+        return TerminationMessage(exit_code=code, failed_rank=missing[0] if missing else None,
+                                  message=f"{who} ended without a result: {describe_exit(child_code)}{hint}", **base)
+    result = next((o.result for o in mine.values() if o.result is not None), None)
+    done = f"trained; exported to {result.model_path}" if result else f"node {world.node_rank} done"
+    return TerminationMessage(exit_code=0, message=done, result=result, **base)
+
+
+def read_first_failure(folder: Path) -> FirstFailure | None:
+    try:
+        return FirstFailure.model_validate_json((folder / FirstFailure.FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_termination_log(path: str, message: TerminationMessage) -> None:
+    try:
+        Path(path).write_text(message.encode())
+    except OSError as err:
+        log.warning("could not write the termination message to %s: %s", path, err)
+
+
+def run_training(job_file: str, output: str, processes: int, world: World | None = None,
+                 termination_log: str | None = None) -> int:
+    """Validate the job here (one readable error instead of N), then start the trainer process(es)."""
+    world = world or World(processes=processes)
+    try:
+        load_job(job_file)
+    except SpecError as err:
+        return finish(TerminationMessage(exit_code=EXIT_PERMANENT, permanent=True, message=one_line(str(err)),
+                                         node_rank=world.node_rank), termination_log)
+    with tempfile.TemporaryDirectory(prefix="finetune-outcomes-") as outcomes:
+        env = {**os.environ, "OMP_NUM_THREADS": thread_count(world.processes), "FINETUNE_OUTCOME_DIR": outcomes,
+               "FINETUNE_LAUNCHER_PID": str(os.getpid())}
+        code, tail = run_child(launch_command(job_file, output, world), env, capture=termination_log is not None)
+        folder = Path(outcomes)
+        message = decide(RankOutcome.read_all(folder), read_first_failure(folder), code, world, tail)
+    return finish(message, termination_log)
+
+
+def finish(message: TerminationMessage, termination_log: str | None) -> int:
+    if termination_log:
+        write_termination_log(termination_log, message)
+    if message.exit_code != 0:
+        sys.stderr.write(f"finetune train: error: {message.message}\n")
+    return message.exit_code
 
 
 def _train(args: argparse.Namespace) -> int:
-    Path(args.output).mkdir(parents=True, exist_ok=True)
-    return run_training(args.file, args.output, args.processes)
+    try:
+        world = parse_world(args.nodes, args.node_rank, args.processes, args.rendezvous)
+        output = Path(args.output)
+        if output.exists() and not output.is_dir():
+            raise SpecError(f"--output {output} is a file; give a folder for checkpoints and the exported model")
+        output.mkdir(parents=True, exist_ok=True)
+    except (SpecError, OSError) as err:
+        rank = int(args.node_rank) if str(args.node_rank).isdigit() else 0
+        text = one_line(str(err) if isinstance(err, SpecError) else f"--output {args.output}: {err.strerror}")
+        return finish(TerminationMessage(exit_code=EXIT_PERMANENT, permanent=True, message=text, node_rank=rank),
+                      args.termination_log)
+    return run_training(args.file, args.output, args.processes, world, args.termination_log)
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("train", help="fine-tune and evaluate a model locally (what a trainer pod runs)")
+    p = sub.add_parser("train", help="fine-tune and evaluate a model (what every trainer pod runs)")
     p.add_argument("-f", "--file", required=True, help="FineTuneJob YAML (the file kubectl takes)")
     p.add_argument("--output", required=True, help="output directory: checkpoints, exported model, metrics.json")
-    p.add_argument("--processes", type=int, default=1, help="local training processes (ranks); default 1")
+    p.add_argument("--processes", type=int, default=1, help="training processes (ranks) on this node; default 1")
+    p.add_argument("--nodes", type=int, default=1, help="machines in the run (trainer pods); default 1")
+    p.add_argument("--node-rank", default="0", help="this machine's index, 0 to nodes-1; default 0")
+    p.add_argument("--rendezvous", help="HOST:PORT of node 0, where the ranks meet (with --nodes > 1)")
+    p.add_argument("--termination-log", help="write the result or the error here as JSON (a pod's termination log)")
     p.set_defaults(func=_train)

@@ -1,13 +1,11 @@
-"""The trainer entry point: what a trainer pod runs, and what `finetune train` runs locally.
+"""The trainer entry point: one process (rank) of a training run. `finetune train` starts it, alone or
+under torch's elastic launcher (`finetune.trainer.cli`); a trainer pod runs that same command.
 
-    # one process
     python -m finetune.trainer.entry --job job.yaml --output out/
-    # in a pod (the operator writes this command): machine rank from the Indexed Job
-    accelerate launch --num_machines 2 --machine_rank $JOB_COMPLETION_INDEX \
-        --main_process_ip job-0.job --main_process_port 29500 --num_processes 16 --multi_gpu \
-        -m finetune.trainer.entry --job /etc/finetune/job.yaml --output /workspace/job/run-1
 
-Exit codes: 0 done; 2 bad spec or data (retrying cannot help); anything else is retryable.
+Every rank leaves a `RankOutcome` in $FINETUNE_OUTCOME_DIR (set by the launcher) when it ends, so the
+launcher can exit with the trainer's own exit code and one-line error. Exit codes: 0 done; 2 bad spec
+or data (permanent); 75 the model hub or the network failed (transient); anything else is retryable.
 """
 
 from __future__ import annotations
@@ -20,11 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune.contracts import EXIT_PERMANENT, EXIT_TRANSIENT, RankOutcome, TrainerResult, TransientError, one_line
 from finetune.hardware import cpu_has_bf16
 from finetune.spec import FineTuneJob, SpecError, Training, load_job
 
 log = logging.getLogger("finetune.trainer")
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = EXIT_PERMANENT
+OUTCOME_DIR_ENV = "FINETUNE_OUTCOME_DIR"
 
 
 def mixed_precision(cfg: Training) -> str:
@@ -52,8 +52,10 @@ def make_accelerator(cfg: Training) -> Any:
     torch.set_flush_denormal(True)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if not torch.cuda.is_available():
-        # N processes on one machine share its cores instead of each oversubscribing all of them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        # N processes on one machine share its cores instead of each oversubscribing all of them; the
+        # launcher's OMP_NUM_THREADS already says how many (the pod's CPU limit, or the user's choice).
+        threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or (os.cpu_count() or 1) // local_world
+        torch.set_num_threads(max(1, threads))
     # cpu=True is what makes Accelerate form a gloo world from WORLD_SIZE/RANK when there is no GPU;
     # without it every CPU process silently trains alone (world size 1).
     accelerator = Accelerator(
@@ -91,22 +93,96 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+LAUNCHER_PID_ENV = "FINETUNE_LAUNCHER_PID"
+
+
+def die_with_parent() -> None:
+    """On Linux, this process gets SIGKILL when its launcher dies, so no training outlives a killed one.
+
+    The launcher may have died already, while this process was still starting (before the request
+    below): then its parent is no longer the pid the launcher left in FINETUNE_LAUNCHER_PID, and it stops.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    expected = os.environ.get(LAUNCHER_PID_ENV, "")
+    if expected.isdigit() and os.getppid() != int(expected):
+        os._exit(1)
+
+
+def global_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def leave_outcome(outcome: RankOutcome) -> None:
+    """Write this rank's outcome where the launcher looks; never raises (the exit code still tells)."""
+    folder = os.environ.get(OUTCOME_DIR_ENV)
+    if not folder:
+        return
+    try:
+        outcome.write(Path(folder))
+    except OSError as err:
+        log.warning("could not leave the outcome for the launcher: %s", err)
+
+
+def say(line: str) -> None:
+    """The one-line error on stderr, unless a launcher collects outcomes: it prints the line itself, last."""
+    if not os.environ.get(OUTCOME_DIR_ENV):
+        sys.stderr.write(line + "\n")
+
+
+def trainer_result(output: Path, metrics: dict[str, Any]) -> TrainerResult:
+    training = metrics.get("training", {})
+    return TrainerResult(
+        model_path=str(output),
+        metrics=metrics.get("test", {}),
+        headline_metric=metrics.get("headline_metric"),
+        world_size=int(training.get("world_size", 1)),
+        steps=int(training.get("steps", 0)),
+        resumed_from_step=int(training.get("resumed_from_step", 0)),
+    )
+
+
+def run(job_file: str, output: Path) -> int:
+    """Train; report how it ended, as an exit code and as this rank's outcome."""
+    rank = global_rank()
+    try:
+        metrics = train(load_job(job_file), output)
+    except SpecError as err:
+        say(f"finetune train: error: {err}")
+        leave_outcome(RankOutcome(rank=rank, exit_code=EXIT_PERMANENT, permanent=True, message=one_line(str(err))))
+        return EXIT_PERMANENT
+    except TransientError as err:
+        say(f"finetune train: error (retryable): {err}")
+        leave_outcome(RankOutcome(rank=rank, exit_code=EXIT_TRANSIENT, message=one_line(str(err))))
+        return EXIT_TRANSIENT
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt | SystemExit):
+            raise
+        leave_outcome(RankOutcome(rank=rank, exit_code=1, message=one_line(f"{type(err).__name__}: {err}")))
+        raise  # the traceback stays in the log
+    result = trainer_result(output, metrics) if metrics else None
+    done = f"trained; exported to {output}" if result else "done"
+    leave_outcome(RankOutcome(rank=rank, exit_code=0, message=done, result=result))
+    if metrics:
+        summary = {k: v for k, v in metrics.get("test", {}).items() if isinstance(v, int | float)}
+        log.info("test metrics: %s", json.dumps(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="finetune trainer (one process of a training run)")
     parser.add_argument("--job", required=True, help="FineTuneJob YAML")
     parser.add_argument("--output", required=True, help="output directory (checkpoints and export)")
     args = parser.parse_args(argv)
+    die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries()
-    try:
-        metrics = train(load_job(args.job), Path(args.output))
-    except SpecError as err:
-        sys.stderr.write(f"finetune train: error: {err}\n")
-        return EXIT_BAD_INPUT
-    if metrics:
-        summary = {k: v for k, v in metrics.get("test", {}).items() if isinstance(v, int | float)}
-        log.info("test metrics: %s", json.dumps(summary))
-    return 0
+    return run(args.job, Path(args.output))
 
 
 if __name__ == "__main__":

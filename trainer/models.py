@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from finetune.contracts import TransientError
 from finetune.spec import ModelSource, SpecError
 
 log = logging.getLogger(__name__)
@@ -33,11 +34,61 @@ def bundled_model_dir(name: str) -> Path | None:
     return folder if (folder / "config.json").exists() else None
 
 
+# A hub answer that no retry changes: the id, the revision or the access is wrong.
+PERMANENT_HUB_ERRORS = ("RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError", "DisabledRepoError",
+                        "RemoteEntryNotFoundError", "HFValidationError")
+# The hub or the network did not answer; the next attempt may get through.
+TRANSIENT_ERRORS = ("LocalEntryNotFoundError", "ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException",
+                    "RemoteProtocolError", "NetworkError", "ConnectionError", "Timeout")
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _names(err: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(err).__mro__}
+
+
+def load_failure(what: str, source: str, err: BaseException) -> SpecError | TransientError:
+    """Why loading `source` failed, as a permanent (SpecError) or a transient error (a retry may help).
+
+    transformers wraps the hub's own exceptions in OSError; their class, found along the exception
+    chain, tells a wrong model id from a hub or network outage.
+    """
+    for link in _chain(err):
+        names = _names(link)
+        if names & set(PERMANENT_HUB_ERRORS) and "LocalEntryNotFoundError" not in names:
+            return SpecError(f"spec.model: cannot load {what} {source!r}: {link}".strip())
+        status = getattr(getattr(link, "response", None), "status_code", None)
+        if names & set(TRANSIENT_ERRORS) or (isinstance(status, int) and (status >= 500 or status == 429)):
+            return TransientError(
+                f"spec.model: cannot reach the model hub for {source!r} (a later attempt may succeed; or "
+                f"copy the model into the volume and set model.path): {' '.join(str(link).split())}"
+            )
+    return SpecError(f"spec.model: cannot load {what} {source!r}: {' '.join(str(err).split())}")
+
+
+def check_model_dir(path: str) -> None:
+    """A clear error for a model.path that is missing, not a folder, or not a from_pretrained folder."""
+    folder = Path(path)
+    if not folder.exists():
+        raise SpecError(f"spec.model.path: {path} does not exist; copy the model there or fix the path")
+    if not folder.is_dir():
+        raise SpecError(f"spec.model.path: {path} is a file; point at the folder that holds config.json")
+    if not (folder / "config.json").exists():
+        raise SpecError(f"spec.model.path: {path} holds no config.json (not a from_pretrained folder)")
+
+
 def resolve_source(model: ModelSource) -> str:
-    """A local directory or hub id that from_pretrained accepts; raises SpecError for a missing path."""
+    """A local directory or hub id that from_pretrained accepts; raises SpecError for a bad path."""
     if model.path:
-        if not (Path(model.path) / "config.json").exists():
-            raise SpecError(f"spec.model.path: {model.path} holds no config.json (not a from_pretrained folder)")
+        check_model_dir(model.path)
         return model.path
     assert model.name is not None
     bundled = bundled_model_dir(model.name)
@@ -61,8 +112,8 @@ def load_tokenizer(model: ModelSource) -> Any:
     source = resolve_source(model)
     try:
         return AutoTokenizer.from_pretrained(source, **load_kwargs(model))
-    except OSError as err:
-        raise SpecError(f"spec.model: cannot load a tokenizer from {source!r}: {err}") from None
+    except (OSError, ValueError) as err:
+        raise load_failure("a tokenizer from", source, err) from None
 
 
 def load_classifier(model: ModelSource, label_names: list[str]) -> Any:
@@ -80,5 +131,5 @@ def load_classifier(model: ModelSource, label_names: list[str]) -> Any:
             ignore_mismatched_sizes=True,
             **load_kwargs(model),
         )
-    except OSError as err:
-        raise SpecError(f"spec.model: cannot load {source!r}: {err}") from None
+    except (OSError, ValueError) as err:
+        raise load_failure("the model", source, err) from None

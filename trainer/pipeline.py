@@ -105,7 +105,7 @@ def train_classifier(job: FineTuneJob, output: Path, accelerator: Any) -> dict[s
         metrics = export_classifier(job, output, net, tokenizer, data, scores, train_ids, state, accelerator)
         metrics["training"]["wall_time_seconds"] = round(time.time() - started, 2)
         finish_export(output, metrics, baseline_stats(spec.task, lengths, [names[i] for i in train_labels]))
-        reporter.finished(termination_summary(output, metrics))
+        reporter.finished()
     accelerator.wait_for_everyone()
     return metrics
 
@@ -118,6 +118,7 @@ def resume_or_start(accelerator: Any, output: Path) -> ckpt.TrainState:
     if latest is None:
         return ckpt.TrainState()
     state = ckpt.load_checkpoint(accelerator, latest)
+    state.resumed_from_step = state.global_step
     log.info("resumed from checkpoint %s (step %d, epoch %d)", latest.name, state.global_step, state.epoch)
     return state
 
@@ -188,14 +189,10 @@ def metrics_document(job: FineTuneJob, version: str, test: dict[str, Any], data_
             "train_seconds": round(state.train_seconds, 2),
             "steps": state.global_step,
             "best_step": state.best_step,
+            "resumed_from_step": state.resumed_from_step,
             "epochs": state.epoch + (1 if state.batch_in_epoch else 0),
             "stopped_early": state.stopped_early,
             "mixed_precision": accelerator.mixed_precision,
             "history": state.history,
         },
     }
-
-
-def termination_summary(output: Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    flat = {k: v for k, v in metrics["test"].items() if isinstance(v, int | float)}
-    return {"modelPath": str(output), "metrics": flat, "headlineMetric": metrics["headline_metric"]}

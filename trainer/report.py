@@ -21,7 +21,6 @@ from finetune.trainer.checkpoint import TrainState
 
 log = logging.getLogger(__name__)
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-TERMINATION_LOG = Path("/dev/termination-log")
 STATUS_EVERY_S = 15.0
 
 
@@ -147,14 +146,8 @@ class Reporter:
         if self.bar is not None:
             self.bar.close()
 
-    def finished(self, summary: dict[str, Any]) -> None:
-        """Hand the result to the operator: termination message, and a last status patch."""
-        if not self.is_main:
-            return
-        if self.patcher:
+    def finished(self) -> None:
+        """A last status patch; the result itself reaches the operator through the launcher's
+        termination message (`finetune train --termination-log`)."""
+        if self.is_main and self.patcher:
             self.patcher.patch({"progress": "done"}, force=True)
-        if os.environ.get("FINETUNE_JOB_NAME") and TERMINATION_LOG.parent.exists():
-            try:
-                TERMINATION_LOG.write_text(json.dumps(summary)[:4000])
-            except OSError as err:
-                log.warning("could not write the termination message: %s", err)

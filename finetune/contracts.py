@@ -1,0 +1,135 @@
+"""What crosses a process boundary between the trainer, its launcher and the operator, typed once.
+
+- Every training process (rank) leaves a `RankOutcome` file for the launcher of its pod
+  (`finetune train`), which reads them all once torch's launcher returns.
+- The launcher condenses them into one `TerminationMessage`, the pod's `/dev/termination-log`, which
+  the kubelet copies into the pod status and the operator reads with this same model.
+
+Exit codes of `finetune train` (and so of a trainer container): 0 done; 2 the spec or the data is
+wrong (permanent: a retry cannot help); 75 a transient outside failure (model hub or network down);
+anything else is retryable too (a crash, a kill, out of memory).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field, ValidationError, field_validator
+
+from finetune.spec import Model
+
+EXIT_OK = 0
+EXIT_PERMANENT = 2
+EXIT_TRANSIENT = 75  # sysexits.h EX_TEMPFAIL
+# The kubelet keeps at most 4096 bytes of a termination message.
+TERMINATION_MESSAGE_LIMIT = 4096
+LOG_TAIL_LINES = 20
+
+
+class TransientError(RuntimeError):
+    """An outside failure that a later attempt may not meet: the model hub or the network is down."""
+
+
+class TrainerResult(Model):
+    """The result of a finished run, written by global rank 0."""
+
+    model_path: str = Field(..., description="Exported model directory (what the server loads).")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Test metrics by name.")
+    headline_metric: str | None = Field(None, description="The metric the gate and `kubectl get` show.")
+    world_size: int = Field(1, ge=1, description="Training processes that formed the run's world.")
+    steps: int = Field(0, ge=0, description="Optimizer steps done.")
+    resumed_from_step: int = Field(0, ge=0, description="Checkpoint step the run resumed from; 0 = fresh.")
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _finite_numbers(cls, value: object) -> object:
+        """Keeps only finite numbers: NaN is not JSON and a bool is no metric."""
+        if not isinstance(value, dict):
+            return value
+        return {
+            str(k): float(v)
+            for k, v in value.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        }
+
+
+class RankOutcome(Model):
+    """What one training process leaves for its launcher when it ends (normally or by an error)."""
+
+    rank: int = Field(..., ge=0, description="Global rank of the process.")
+    exit_code: int = Field(..., description="The process's exit code.")
+    permanent: bool = Field(False, description="True when a retry cannot help (exit code 2).")
+    message: str = Field("", description="One line: the error, or what was done.")
+    result: TrainerResult | None = Field(None, description="Global rank 0 on success.")
+
+    def write(self, folder: Path) -> None:
+        """Atomically, so a launcher never reads half a file."""
+        tmp = folder / f".rank-{self.rank}.json.tmp"
+        tmp.write_text(self.model_dump_json(by_alias=True))
+        tmp.replace(folder / f"rank-{self.rank}.json")
+
+    @classmethod
+    def read_all(cls, folder: Path) -> list[RankOutcome]:
+        """Every rank's outcome in `folder`, by rank; unreadable files are skipped."""
+        found = []
+        for path in sorted(folder.glob("rank-*.json")):
+            try:
+                found.append(cls.model_validate_json(path.read_text()))
+            except (OSError, ValidationError):
+                continue
+        return sorted(found, key=lambda o: o.rank)
+
+
+class FirstFailure(Model):
+    """What torch's elastic launcher saw fail first on one node (a rank killed before it could say why)."""
+
+    rank: int = Field(..., ge=0, description="Global rank of the first failed process.")
+    exit_code: int = Field(..., description="Its exit code; negative for a signal.")
+    signal: str | None = Field(None, description="The signal that ended it (SIGKILL, ...), if one did.")
+
+    FILE: ClassVar[str] = "first-failure.json"
+
+
+class TerminationMessage(Model):
+    """A trainer pod's termination message: its result on success, its first error otherwise."""
+
+    exit_code: int = Field(..., description="The pod's (launcher's) exit code.")
+    permanent: bool = Field(False, description="True when a retry cannot help.")
+    message: str = Field("", description="One line: the trainer's own error, or what was done.")
+    node_rank: int = Field(0, ge=0, description="The pod's node rank (completion index).")
+    failed_rank: int | None = Field(None, description="Global rank whose failure ended the pod, if one did.")
+    result: TrainerResult | None = Field(None, description="The run's result (the pod holding global rank 0).")
+    log_tail: list[str] = Field(default_factory=list, description="Last log lines of the pod.")
+
+    def encode(self, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
+        """JSON within the kubelet's limit: the oldest log lines go first, then the message is cut."""
+        doc = self.model_copy()
+        while True:
+            text = doc.model_dump_json(by_alias=True, exclude_defaults=True)
+            if len(text.encode()) <= limit:
+                return text
+            if doc.log_tail:
+                doc.log_tail = doc.log_tail[1:]
+            elif len(doc.message) > 200:
+                doc.message = doc.message[: len(doc.message) // 2] + "…"
+            else:
+                return text[:limit]  # only an absurd result document gets here
+
+    @classmethod
+    def decode(cls, text: str | None) -> TerminationMessage | None:
+        """The typed message, or None when the text is not one (e.g. the kubelet's log fallback)."""
+        if not text or not text.lstrip().startswith("{"):
+            return None
+        try:
+            return cls.model_validate(json.loads(text))
+        except (ValueError, ValidationError):
+            return None
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """White space collapsed, cut to `limit` characters: what fits a status message or a log line."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

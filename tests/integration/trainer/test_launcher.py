@@ -1,0 +1,171 @@
+"""The trainer pod's command, run by hand: the exact command of the built JobSet, as real processes.
+
+Exit codes survive the launcher (2 stays 2, 75 is retryable), the trainer's one-line error is the last
+line on stderr and in the termination message, two node commands form one world, a killed rank is
+reported as retryable and its rerun resumes, and killing the launcher leaves no training behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune.contracts import EXIT_PERMANENT, EXIT_TRANSIENT, TerminationMessage
+from tests.integration.pod_command import free_port, pod_command
+
+pytestmark = pytest.mark.timeout(600)
+BOUND = 300.0  # seconds; the machine is shared, a bound is never a timing assertion
+
+
+def start(command: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
+
+
+def finished(proc: subprocess.Popen[bytes]) -> int:
+    return proc.wait(timeout=BOUND)
+
+
+def message(path: Path) -> TerminationMessage:
+    found = TerminationMessage.decode(path.read_text())
+    assert found is not None, path.read_text()
+    return found
+
+
+def wait_until(check: Callable[[], object], what: str) -> None:
+    deadline = time.monotonic() + BOUND
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def children(pid: int) -> list[int]:
+    """Every live descendant of `pid`, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        kids = [p for p, parent in parents.items() if parent == current]
+        found += kids
+        frontier += kids
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_bad_data_exits_2_with_the_trainers_line(tiny_bert, synthetic_data, write_job, tmp_path) -> None:
+    job = write_job(tiny_bert, synthetic_data, dataset={"labelColumn": "stars"}, resources={"gpusPerNode": 0})
+    log = tmp_path / "termination-log"
+    done = subprocess.run(pod_command(job, tmp_path / "out", log), capture_output=True, text=True, timeout=BOUND)
+    assert done.returncode == EXIT_PERMANENT, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("finetune train: error: ") and "column 'stars' not found" in last
+    ended = message(log)
+    assert ended.permanent and ended.exit_code == 2 and "column 'stars' not found" in ended.message
+    assert ended.failed_rank == 0 and ended.result is None
+
+
+def test_two_node_commands_form_one_world(tiny_bert, synthetic_data, write_job, tmp_path) -> None:
+    job = write_job(tiny_bert, synthetic_data, resources={"nodes": 2, "gpusPerNode": 0},
+                    training={"epochs": 1})
+    port, output = free_port(), tmp_path / "out"
+    logs = [tmp_path / f"termination-{rank}" for rank in (0, 1)]
+    procs = [start(pod_command(job, output, logs[rank], node_rank=rank, port=port), tmp_path / f"pod-{rank}.log",
+                   OMP_NUM_THREADS="1") for rank in (0, 1)]
+    codes = [finished(p) for p in procs]
+    assert codes == [0, 0], [(tmp_path / f"pod-{r}.log").read_text()[-2000:] for r in (0, 1)]
+    node0, node1 = message(logs[0]), message(logs[1])
+    assert node0.result is not None and node0.result.world_size == 2
+    assert node0.result.model_path == str(output) and "f1" in node0.result.metrics
+    assert node1.exit_code == 0 and node1.result is None and node1.node_rank == 1
+    assert json.loads((output / "metrics.json").read_text())["training"]["world_size"] == 2
+
+
+def test_a_killed_rank_is_retryable_and_the_rerun_resumes(tiny_bert, synthetic_data, write_job, tmp_path) -> None:
+    job = write_job(tiny_bert, synthetic_data, resources={"gpusPerNode": 0},
+                    training={"epochs": 8, "checkpointSteps": 4, "evalSteps": 1000})
+    output, log = tmp_path / "out", tmp_path / "termination-log"
+    command = [*pod_command(job, output, log)]
+    command[command.index("--processes") + 1] = "2"  # a node with two ranks: torch's launcher in between
+    launcher = start(command, tmp_path / "pod.log", OMP_NUM_THREADS="1")
+    wait_until(lambda: any((output / "checkpoints").glob("step-*")) or launcher.poll() is not None, "a checkpoint")
+    assert launcher.poll() is None, (tmp_path / "pod.log").read_text()[-2000:]
+    workers = ranks(launcher.pid)
+    assert len(workers) == 2, [(_cmdline(p)) for p in children(launcher.pid)]
+    os.kill(max(workers), signal.SIGKILL)  # one rank dies (the OOM killer's signal)
+    code = finished(launcher)
+    ended = message(log)
+    assert code not in (0, EXIT_PERMANENT) and not ended.permanent, ended
+    assert ended.exit_code == code and "ended without a result" in ended.message and ended.log_tail
+    # The pod is recreated: the same command resumes from the checkpoint and finishes.
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=BOUND, env={**os.environ,
+                                                                                       "OMP_NUM_THREADS": "1"})
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    result = message(log).result
+    assert result is not None and result.resumed_from_step > 0 and result.world_size == 2
+
+
+def ranks(launcher: int) -> list[int]:
+    """The training processes under a launcher: the elastic launcher's children running the entry module."""
+    return [p for p in children(launcher) if "finetune.trainer.entry" in _cmdline(p)
+            and "finetune.trainer.elastic" not in _cmdline(p)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_killing_the_launcher_leaves_no_training_behind(tiny_bert, synthetic_data, write_job, tmp_path) -> None:
+    job = write_job(tiny_bert, synthetic_data, resources={"gpusPerNode": 0}, training={"epochs": 50})
+    command = pod_command(job, tmp_path / "out", tmp_path / "termination-log")
+    command[command.index("--processes") + 1] = "2"
+    launcher = start(command, tmp_path / "pod.log", OMP_NUM_THREADS="1")
+    wait_until(lambda: len(ranks(launcher.pid)) == 2, "two training processes")
+    descendants = children(launcher.pid)
+    launcher.kill()
+    launcher.wait(timeout=BOUND)
+    try:
+        wait_until(lambda: not any(alive(p) for p in descendants), "every training process gone")
+    finally:  # a failing run must not leave training processes eating the machine's cores
+        for pid in descendants:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_an_unreachable_hub_is_transient(synthetic_data, write_job, tmp_path) -> None:
+    job = write_job(tmp_path, synthetic_data, resources={"gpusPerNode": 0})
+    doc = yaml.safe_load(job.read_text())
+    doc["spec"]["model"] = {"name": "someone/not-cached-anywhere"}
+    job.write_text(yaml.safe_dump(doc))
+    log = tmp_path / "termination-log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(pod_command(job, tmp_path / "out", log), capture_output=True, text=True, timeout=BOUND,
+                          env=env)
+    assert done.returncode == EXIT_TRANSIENT, done.stderr[-2000:]
+    ended = message(log)
+    assert not ended.permanent and "cannot reach the model hub" in ended.message

@@ -1,0 +1,47 @@
+"""`python -m finetune.trainer.elastic <torchrun arguments>`: torch's elastic launcher, in a process of
+its own under `finetune train`, that also says which rank failed first.
+
+torchrun only prints its "root cause" report; here the launcher's own `ChildFailedError` is read and
+the first failure (by the time torch observed it) is left as a `FirstFailure` in $FINETUNE_OUTCOME_DIR.
+That is what tells the rank that was killed (and so left no outcome) from the ranks that then failed
+waiting for it: the victims' errors ("connection closed by peer") are not the cause.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from finetune.contracts import FirstFailure
+
+
+def leave_first_failure(report: FirstFailure) -> None:
+    folder = os.environ.get("FINETUNE_OUTCOME_DIR")
+    if folder:
+        path = Path(folder) / FirstFailure.FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(report.model_dump_json(by_alias=True))
+        tmp.replace(path)
+
+
+def main(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from finetune.trainer.entry import die_with_parent
+
+    die_with_parent()
+    os.environ["FINETUNE_LAUNCHER_PID"] = str(os.getpid())  # for the ranks' own die_with_parent
+    try:
+        run(get_args_parser().parse_args(argv))
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        signal = failure.signal_name() if failure.exitcode < 0 else None
+        leave_first_failure(FirstFailure(rank=rank, exit_code=failure.exitcode, signal=signal))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
