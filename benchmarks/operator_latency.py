@@ -5,9 +5,9 @@ per second and the operator's peak RSS, with N FineTuneJobs created at once.
     .venv/bin/python benchmarks/operator_latency.py --jobs 100
 
 The operator runs as a real `finetune operator` process (so its RSS is its own) and finds the
-emulator through a KUBECONFIG; this script plays the user, the Job controller, the kubelet and the
+emulator through a KUBECONFIG; this script plays the user, the JobSet controller, the kubelet and the
 Deployment controller. Latency is measured at the emulator: from the FineTuneJob's POST arriving to
-the trainer Job's POST arriving. The emulator (`finetune.operator.testing.FastEmulator`) shares this
+the trainer JobSet's POST arriving. The emulator (`finetune.operator.testing.FastEmulator`) shares this
 process's single CPU-bound event loop, so the figures bound the operator from below on a real API
 server only loosely: they are for comparing operator versions on the same machine.
 """
@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 from kmock import Server
 
+from finetune.contracts import TerminationMessage, TrainerResult
 from finetune.operator import k8s, naming
 from finetune.operator.testing import FastEmulator, declare, server_url
 
@@ -138,12 +139,12 @@ async def main(jobs: int, operator_log: str) -> None:
                 await asyncio.gather(*(api.create(ftj(n)) for n in names))
 
                 async def all_jobs() -> bool:
-                    return all(("jobs", naming.trainer_name(n, 1)) in emulator.arrivals for n in names)
+                    return all(("jobsets", naming.trainer_name(n, 1)) in emulator.arrivals for n in names)
 
-                await wait_for(all_jobs, 600, "every trainer Job")
-                stages = {"all trainer Jobs created": time.perf_counter() - started}
+                await wait_for(all_jobs, 600, "every trainer JobSet")
+                stages = {"all trainer JobSets created": time.perf_counter() - started}
                 latencies = [
-                    emulator.arrivals[("jobs", naming.trainer_name(n, 1))] - emulator.arrivals[("finetunejobs", n)]
+                    emulator.arrivals[("jobsets", naming.trainer_name(n, 1))] - emulator.arrivals[("finetunejobs", n)]
                     for n in names
                 ]
                 # Play the kubelet and the controllers: every run succeeds, every rollout completes.
@@ -167,7 +168,7 @@ async def main(jobs: int, operator_log: str) -> None:
             proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(proc.wait(), 30)
     print(f"FineTuneJobs created at once:         {jobs}")
-    print(f"creation -> trainer Job created:      p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
+    print(f"creation -> trainer JobSet created:      p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
           f"p99 {percentile(latencies, 0.99) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms, "
           f"mean {statistics.mean(latencies) * 1000:.0f} ms")
     for stage, seconds in stages.items():
@@ -195,18 +196,19 @@ async def bounded(calls: Any, limit: int = 32) -> None:
 
 async def finish(api: k8s.Api, name: str) -> None:
     job = naming.trainer_name(name, 1)
-    message = json.dumps({"modelPath": f"/workspace/{name}/run-1", "metrics": {"f1": 0.9}, "headlineMetric": "f1"})
+    result = TrainerResult(model_path=f"/workspace/{name}/run-1", metrics={"f1": 0.9}, headline_metric="f1")
+    message = TerminationMessage(exit_code=0, result=result).encode()
     await api.create({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": f"{job}-0", "namespace": NS,
+        "metadata": {"name": f"{job}-node-0-0", "namespace": NS,
                      "labels": {**naming.run_labels(name, 1), naming.COMPLETION_INDEX: "0"},
                      "annotations": {naming.COMPLETION_INDEX: "0"}},
         "status": {"phase": "Succeeded", "containerStatuses": [
             {"name": "trainer", "state": {"terminated": {"exitCode": 0, "message": message}}}]},
     })  # fmt: skip
     await api.merge_patch(
-        f"/apis/batch/v1/namespaces/{NS}/jobs/{job}/status",
-        {"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}},
+        f"/apis/jobset.x-k8s.io/v1alpha2/namespaces/{NS}/jobsets/{job}/status",
+        {"status": {"conditions": [{"type": "Completed", "status": "True", "reason": "AllJobsCompleted"}]}},
     )
 
 

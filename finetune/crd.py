@@ -84,10 +84,13 @@ def openapi_schema(model: type[api.Model]) -> JSON:
 def printer_columns() -> list[JSON]:
     return [
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
         {"name": "Metric", "type": "string", "jsonPath": ".status.headlineMetric"},
         {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        # `kubectl get ftj -o wide`: what the phase means right now, and what to do about it.
+        {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
     ]
 
 

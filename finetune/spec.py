@@ -218,10 +218,16 @@ class Storage(Model):
 class Scheduling(Model):
     """Shared-cluster scheduling."""
 
-    queue_name: str | None = Field(None, description="Kueue LocalQueue; the trainer waits suspended until admitted.")
-    active_deadline_seconds: int | None = Field(None, ge=1, description="Hard limit on training wall time.")
-    backoff_limit: int = Field(3, ge=0, description="Retries after real failures (disruptions do not count).")
-    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the finished trainer Job.")
+    queue_name: str | None = Field(
+        None, description="Kueue LocalQueue; the trainer JobSet waits suspended until Kueue admits the whole gang."
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Limit on one training attempt's wall time (a gang restart starts a new attempt)."
+    )
+    backoff_limit: int = Field(
+        3, ge=0, description="Gang restarts after real failures; disruptions do not count, exit code 2 never restarts."
+    )
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the finished trainer JobSet.")
 
 
 class Serving(Model):

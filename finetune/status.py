@@ -36,20 +36,41 @@ class Progress(Model):
     eta_seconds: float | None = Field(None, description="Estimated seconds to the end of training.")
 
 
-class Trainer(Model):
-    """The trainer Job of the current run."""
+class PodFailure(Model):
+    """The first trainer pod that failed in one attempt of the gang, kept after the pod is gone."""
 
-    job_name: str | None = Field(None, description="batch/v1 Job running the training.")
+    pod: str = Field(..., description="Pod name.")
+    node_rank: int | None = Field(None, description="The pod's node rank (completion index).")
+    attempt: int = Field(0, description="Gang attempt (JobSet restart attempt) the pod belonged to.")
+    exit_code: int | None = Field(None, description="The trainer container's exit code.")
+    reason: str = Field("", description="Why it ended: PermanentError, Disruption, OOMKilled, Error, ...")
+    message: str = Field("", description="The trainer's own one-line error, or the kubelet's reason.")
+    log_tail: list[str] = Field(default_factory=list, description="Last log lines of the pod.")
+    finished_at: str | None = Field(None, description="When it ended (RFC 3339).")
+    counts_against_budget: bool = Field(True, description="False for a disruption (preemption, drain, eviction).")
+
+
+class Trainer(Model):
+    """The trainer JobSet of the current run: one pod per node, restarted as a gang."""
+
+    job_set_name: str | None = Field(None, description="JobSet (jobset.x-k8s.io/v1alpha2) running the training.")
     run: int = Field(0, description="Training run number; a training-field edit starts a new run.")
     active: int = Field(0, description="Trainer pods running.")
     succeeded: int = Field(0, description="Trainer pods finished.")
     failed: int = Field(0, description="Trainer pods failed.")
+    restarts: int = Field(0, description="Gang restarts so far, for any cause.")
+    restarts_counted: int = Field(0, description="Restarts that used the budget (disruptions do not).")
+    restart_budget: int = Field(0, description="scheduling.backoffLimit: counted restarts allowed.")
+    failures: list[PodFailure] = Field(
+        default_factory=list, description="The first failed pod of each failed attempt, oldest first (last 10)."
+    )
 
 
 class FineTuneJobStatus(Model):
     """Observed state of a FineTuneJob."""
 
     phase: Phase | None = Field(None, description="Where the job is in its life cycle.")
+    reason: str | None = Field(None, description="CamelCase reason of the phase, e.g. Unschedulable, Restarted.")
     message: str | None = Field(None, description="Human-readable summary of the phase.")
     observed_generation: int | None = Field(None, description="Last spec generation acted on.")
     conditions: list[Condition] = Field(default_factory=list, description="Kubernetes-style conditions.")

@@ -1,7 +1,8 @@
 """Pure builders: a typed FineTuneJob in, the trainer's Kubernetes manifests (plain dicts) out.
 
 Nothing here talks to the cluster; `tests/unit/operator` checks every object against the Kubernetes
-schemas. The serving side lives in `finetune.operator.serving` and is re-exported here.
+schemas (and the JobSet against JobSet's own typed models). The serving side lives in
+`finetune.operator.serving` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import posixpath
 import yaml
 
 from finetune import spec as api
+from finetune.contracts import EXIT_PERMANENT
 from finetune.operator import naming
 from finetune.operator.objects import (
     DEFAULT_IMAGE,
@@ -33,14 +35,13 @@ from finetune.operator.serving import (
 from finetune.operator.validation import WORKSPACE
 
 __all__ = [
-    "build_headless_service",
     "build_hpa",
     "build_pdb",
     "build_service_monitor",
     "build_serving_deployment",
     "build_serving_service",
     "build_spec_configmap",
-    "build_trainer_job",
+    "build_trainer_jobset",
     "build_trainer_rbac",
     "output_dir",
     "owner_reference",
@@ -48,12 +49,23 @@ __all__ = [
     "training_hash",
 ]
 
+JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
+# The oldest JobSet release whose failure policy has `onJobFailureMessagePatterns`, which is what tells a
+# Job failed by the disruption rule of its podFailurePolicy from one failed by the exit-code-2 rule.
+JOBSET_MIN_VERSION = "v0.10.0"
+JOBSET_INSTALL = (
+    "kubectl apply --server-side -f "
+    "https://github.com/kubernetes-sigs/jobset/releases/download/v0.10.1/manifests.yaml"
+)
+REPLICATED_JOB = "node"
+RULE_PERMANENT = "TrainerPermanentError"
+RULE_DISRUPTION = "PodDisruption"
+RULE_DEADLINE = "ActiveDeadline"
 RENDEZVOUS_PORT = 29500
 TRAINER_METRICS_PORT = 9090
 JOB_FILE_DIR = "/etc/finetune"
 JOB_FILE = f"{JOB_FILE_DIR}/job.yaml"
-# podFailurePolicy: the trainer exits 2 for a bad spec or bad data, which no retry can fix.
-NON_RETRYABLE_EXIT_CODE = 2
+TERMINATION_LOG = "/dev/termination-log"
 CONTAINER = "trainer"
 
 
@@ -91,23 +103,6 @@ def build_spec_configmap(job: api.FineTuneJob, *, uid: str, run: int) -> JSON:
         "kind": "ConfigMap",
         "metadata": meta,
         "data": {"job.yaml": yaml.safe_dump(doc, sort_keys=False)},
-    }
-
-
-def build_headless_service(job: api.FineTuneJob, *, uid: str, run: int) -> JSON:
-    """Gives pod 0 the stable DNS name `<job>-0.<job>` that every rank dials for the rendezvous."""
-    name = naming.trainer_name(job.metadata.name, run)
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata(job, name, uid, naming.run_labels(job.metadata.name, run)),
-        "spec": {
-            "clusterIP": "None",
-            # Ranks resolve pod 0 before any of them is "ready": there is no readiness probe to pass.
-            "publishNotReadyAddresses": True,
-            "selector": naming.run_labels(job.metadata.name, run),
-            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
-        },
     }
 
 
@@ -150,25 +145,29 @@ def build_trainer_rbac(job: api.FineTuneJob, *, uid: str) -> list[JSON]:
     return objs
 
 
-def accelerate_command(job: api.FineTuneJob, run: int) -> list[str]:
-    """`accelerate launch` for one pod: rank from the Indexed Job, pod 0 as the main process."""
-    res = job.spec.resources
+def rendezvous_host(job: api.FineTuneJob, run: int) -> str:
+    """Pod 0 of the gang through the JobSet's headless Service: `<pod hostname>.<subdomain>`."""
     name = naming.trainer_name(job.metadata.name, run)
-    processes = res.nodes * max(res.gpus_per_node, 1)
-    cmd = [
-        "accelerate", "launch",
-        "--num_machines", str(res.nodes),
-        "--machine_rank", "$(JOB_COMPLETION_INDEX)",
-        "--main_process_ip", f"{name}-0.{name}",
-        "--main_process_port", str(RENDEZVOUS_PORT),
-        "--num_processes", str(processes),
+    return f"{name}-{REPLICATED_JOB}-0-0.{name}"
+
+
+def trainer_command(job: api.FineTuneJob, run: int) -> list[str]:
+    """`finetune train` for one pod: node rank from the Indexed Job, pod 0 as the rendezvous host.
+
+    The same command as on a laptop; with `--nodes` it starts torch's launcher, which forms one world of
+    nodes x processes (gloo on CPUs, NCCL on GPUs), and exits with the trainer's own exit code.
+    """
+    res = job.spec.resources
+    return [
+        "finetune", "train",
+        "-f", JOB_FILE,
+        "--output", output_dir(job, run),
+        "--nodes", str(res.nodes),
+        "--node-rank", "$(JOB_COMPLETION_INDEX)",
+        "--processes", str(max(res.gpus_per_node, 1)),
+        "--rendezvous", "$(FINETUNE_RENDEZVOUS_HOST):$(FINETUNE_RENDEZVOUS_PORT)",
+        "--termination-log", TERMINATION_LOG,
     ]  # fmt: skip
-    if res.gpus_per_node == 0:
-        cmd.append("--cpu")
-    elif processes > 1:
-        cmd.append("--multi_gpu")
-    cmd += ["-m", "finetune.trainer.entry", "--job", JOB_FILE, "--output", output_dir(job, run)]
-    return cmd
 
 
 def _resources(res: api.Resources) -> JSON:
@@ -183,6 +182,25 @@ def _resources(res: api.Resources) -> JSON:
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
+def _trainer_env(job: api.FineTuneJob, run: int) -> list[JSON]:
+    return [
+        {"name": "FINETUNE_JOB_NAME", "value": job.metadata.name},
+        {"name": "FINETUNE_JOB_NAMESPACE", "value": job.metadata.namespace},
+        {"name": "FINETUNE_METRICS_PORT", "value": str(TRAINER_METRICS_PORT)},
+        {"name": "FINETUNE_RENDEZVOUS_HOST", "value": rendezvous_host(job, run)},
+        {"name": "FINETUNE_RENDEZVOUS_PORT", "value": str(RENDEZVOUS_PORT)},
+        # The pod's CPU limit (whole cores, rounded up; the node's cores without a limit): the trainer
+        # sizes its threads by it, not by the node's core count.
+        {
+            "name": "FINETUNE_CPUS",
+            "valueFrom": {"resourceFieldRef": {"containerName": CONTAINER, "resource": "limits.cpu", "divisor": "1"}},
+        },
+        {"name": "HF_HOME", "value": f"{WORKSPACE}/.cache/huggingface"},
+        # The root filesystem is read-only; libraries that cache under $HOME write to /tmp.
+        {"name": "HOME", "value": "/tmp"},
+    ]
+
+
 def _trainer_pod(job: api.FineTuneJob, run: int, image: str) -> JSON:
     spec = job.spec
     res = spec.resources
@@ -190,18 +208,11 @@ def _trainer_pod(job: api.FineTuneJob, run: int, image: str) -> JSON:
     container: JSON = {
         "name": CONTAINER,
         "image": image,
-        "command": accelerate_command(job, run),
-        "env": [
-            {"name": "FINETUNE_JOB_NAME", "value": job.metadata.name},
-            {"name": "FINETUNE_JOB_NAMESPACE", "value": job.metadata.namespace},
-            {"name": "FINETUNE_METRICS_PORT", "value": str(TRAINER_METRICS_PORT)},
-            {"name": "HF_HOME", "value": f"{WORKSPACE}/.cache/huggingface"},
-            # The root filesystem is read-only; libraries that cache under $HOME write to /tmp.
-            {"name": "HOME", "value": "/tmp"},
-        ],
+        "command": trainer_command(job, run),
+        "env": _trainer_env(job, run),
         "ports": [
-            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
-            {"name": "metrics", "containerPort": TRAINER_METRICS_PORT},
+            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": TRAINER_METRICS_PORT, "protocol": "TCP"},
         ],
         "resources": _resources(res),
         "volumeMounts": [
@@ -210,14 +221,15 @@ def _trainer_pod(job: api.FineTuneJob, run: int, image: str) -> JSON:
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
-        "terminationMessagePath": "/dev/termination-log",
-        # The trainer writes its result summary there; a crash without one shows its last log lines.
+        "terminationMessagePath": TERMINATION_LOG,
+        # The launcher writes the trainer's result or its one-line error there; a pod killed before it
+        # could (out of memory, SIGKILL) still leaves its last log lines.
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": container_security_context(),
     }
     pod: JSON = {
-        "restartPolicy": "Never",  # required by podFailurePolicy; the Job controller does the retries
-        "subdomain": name,
+        # Never: a failed pod fails its Job at once (backoffLimit 0) and the JobSet restarts the gang.
+        "restartPolicy": "Never",
         "serviceAccountName": spec.resources.service_account_name or naming.trainer_rbac_name(job.metadata.name),
         "automountServiceAccountToken": True,  # the token patches the FineTuneJob's status
         "securityContext": pod_security_context(),
@@ -240,12 +252,52 @@ def _trainer_pod(job: api.FineTuneJob, run: int, image: str) -> JSON:
     return pod
 
 
-def build_trainer_job(job: api.FineTuneJob, *, uid: str, run: int, image: str = DEFAULT_IMAGE) -> JSON:
-    """The trainer: an Indexed batch/v1 Job with one pod per node.
+def _pod_failure_policy() -> JSON:
+    """Each rule makes the Job fail at once with a message the JobSet's rules below tell apart."""
+    return {
+        "rules": [
+            # Index 0: "Pod <ns>/<pod> has condition DisruptionTarget matching FailJob rule at index 0".
+            {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            # Index 1: "Container trainer for pod <ns>/<pod> failed with exit code 2 matching FailJob rule at
+            # index 1". Any other failure fails the Job through backoffLimit 0 (BackoffLimitExceeded).
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_PERMANENT]},
+            },
+        ]
+    }
 
-    Disruptions (preemption, drain, eviction) are ignored by the retry count and the retried pod
-    resumes from the run's checkpoints (same output directory); exit code 2 fails the Job at once.
-    With a Kueue queue the Job starts suspended and Kueue unsuspends it when quota admits it.
+
+def _jobset_failure_policy(scheduling: api.Scheduling) -> JSON:
+    """Gang restarts: the first matching rule wins; an unmatched failure restarts and counts."""
+    return {
+        "maxRestarts": scheduling.backoff_limit,
+        "rules": [
+            {
+                "name": RULE_PERMANENT,
+                "action": "FailJobSet",
+                "onJobFailureReasons": ["PodFailurePolicy"],
+                "onJobFailureMessagePatterns": [f"failed with exit code {EXIT_PERMANENT} matching FailJob rule"],
+            },
+            {
+                "name": RULE_DISRUPTION,
+                "action": "RestartJobSetAndIgnoreMaxRestarts",
+                "onJobFailureReasons": ["PodFailurePolicy"],
+                "onJobFailureMessagePatterns": ["has condition DisruptionTarget matching FailJob rule"],
+            },
+            {"name": RULE_DEADLINE, "action": "FailJobSet", "onJobFailureReasons": ["DeadlineExceeded"]},
+        ],
+    }
+
+
+def build_trainer_jobset(job: api.FineTuneJob, *, uid: str, run: int, image: str = DEFAULT_IMAGE) -> JSON:
+    """The trainer: a JobSet whose one replicated Job is Indexed, one pod per node, run as a gang.
+
+    Any pod's failure fails its Job at once, and the JobSet's failure policy decides for the whole gang:
+    exit code 2 (bad spec or data) fails the JobSet; a disruption (preemption, drain, eviction) restarts
+    it without using the budget; anything else restarts it, at most `scheduling.backoffLimit` times.
+    Every restart resumes from the run's checkpoints (same output directory). With a Kueue queue the
+    JobSet starts suspended and Kueue unsuspends it when quota admits the whole gang.
     """
     spec = job.spec
     name = naming.trainer_name(job.metadata.name, run)
@@ -254,25 +306,13 @@ def build_trainer_job(job: api.FineTuneJob, *, uid: str, run: int, image: str = 
     meta["annotations"] = {naming.ANNOTATION_TRAINING_HASH: training_hash(spec)}
     if spec.scheduling.queue_name:
         meta["labels"][naming.KUEUE_QUEUE_LABEL] = spec.scheduling.queue_name
+    nodes = spec.resources.nodes
     job_spec: JSON = {
         "completionMode": "Indexed",
-        "completions": spec.resources.nodes,
-        "parallelism": spec.resources.nodes,
-        "backoffLimit": spec.scheduling.backoff_limit,
-        "suspend": bool(spec.scheduling.queue_name),
-        "podFailurePolicy": {
-            "rules": [
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {
-                        "containerName": CONTAINER,
-                        "operator": "In",
-                        "values": [NON_RETRYABLE_EXIT_CODE],
-                    },
-                },
-            ]
-        },
+        "completions": nodes,
+        "parallelism": nodes,
+        "backoffLimit": 0,
+        "podFailurePolicy": _pod_failure_policy(),
         "template": {
             "metadata": {
                 "labels": dict(labels),
@@ -283,6 +323,20 @@ def build_trainer_job(job: api.FineTuneJob, *, uid: str, run: int, image: str = 
     }
     if spec.scheduling.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.scheduling.active_deadline_seconds
+    jobset_spec: JSON = {
+        "suspend": bool(spec.scheduling.queue_name),
+        # Pods resolve `<pod hostname>.<name>` through the JobSet's own headless Service, before they
+        # are ready: rank 1 dials rank 0 while both are still starting.
+        "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True, "subdomain": name},
+        "failurePolicy": _jobset_failure_policy(spec.scheduling),
+        "replicatedJobs": [
+            {
+                "name": REPLICATED_JOB,
+                "replicas": 1,
+                "template": {"metadata": {"labels": dict(labels)}, "spec": job_spec},
+            }
+        ],
+    }
     if spec.scheduling.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = spec.scheduling.ttl_seconds_after_finished
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+        jobset_spec["ttlSecondsAfterFinished"] = spec.scheduling.ttl_seconds_after_finished
+    return {"apiVersion": JOBSET_API_VERSION, "kind": "JobSet", "metadata": meta, "spec": jobset_spec}

@@ -30,6 +30,8 @@ PLURALS = {
     "Event": "events",
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "Job": "jobs",
+    "JobSet": "jobsets",
+    "Workload": "workloads",
     "Deployment": "deployments",
     "Role": "roles",
     "RoleBinding": "rolebindings",

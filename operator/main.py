@@ -21,6 +21,13 @@ from finetune.spec import GROUP, PLURAL, VERSION, SpecError
 
 FTJ = (GROUP, VERSION, PLURAL)
 CHILD = {naming.LABEL_MANAGED_BY: naming.MANAGER}
+TRAINER_CHILD = {**CHILD, naming.LABEL_COMPONENT: naming.TRAINER}
+SERVER_CHILD = {**CHILD, naming.LABEL_COMPONENT: naming.SERVER}
+WATCHED_CHILDREN: dict[tuple[str, str, str], dict[str, str]] = {
+    ("jobset.x-k8s.io", "v1alpha2", "jobsets"): TRAINER_CHILD,
+    ("", "v1", "pods"): TRAINER_CHILD,
+    ("apps", "v1", "deployments"): SERVER_CHILD,
+}
 log = logging.getLogger(__name__)
 
 
@@ -42,6 +49,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # every trainer Job and server Deployment: a periodic resync that heals any missed event. (No
     # per-object timer: kopf would put a finalizer on every FineTuneJob to stop it.)
     settings.watching.server_timeout = config.watch_server_timeout
+    # Server-side label selectors: on a shared cluster the operator must not stream every pod (or every
+    # Deployment) of every team only to drop all but its own; the handlers' label filters stay too.
+    for resource, labels in WATCHED_CHILDREN.items():
+        settings.watching.label_selectors[resource] = ",".join(f"{k}={v}" for k, v in labels.items())
     settings.queueing.idle_timeout = config.worker_idle_timeout
     settings.posting.enabled = config.post_events
     settings.posting.reporting_component = naming.MANAGER
@@ -77,11 +88,13 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     )
 
 
-async def _reconcile(memo: kopf.Memo, handler: str, namespace: str, name: str) -> None:
+async def _reconcile(
+    memo: kopf.Memo, handler: str, namespace: str, name: str, seen_pods: tuple[dict[str, Any], ...] = ()
+) -> None:
     reconciler: Reconciler = memo.reconciler
     try:
         with timed(handler, expected=(SpecError,)):  # a bad spec is the user's error, not ours
-            wait = await reconciler.reconcile(namespace, name)
+            wait = await reconciler.reconcile(namespace, name, seen_pods)
     except SpecError as err:
         raise kopf.PermanentError(str(err)) from None  # the status already says what to fix
     except k8s.ApiError as err:
@@ -104,24 +117,38 @@ async def finetunejob_deleted(namespace: str | None, name: str, memo: kopf.Memo,
     memo.reconciler.forget(namespace or "", name)
 
 
-async def _child_changed(memo: kopf.Memo, handler: str, namespace: str | None, labels: Mapping[str, str]) -> None:
+async def _child_changed(
+    memo: kopf.Memo,
+    handler: str,
+    namespace: str | None,
+    labels: Mapping[str, str],
+    seen_pods: tuple[dict[str, Any], ...] = (),
+) -> None:
     owner = labels.get(naming.LABEL_INSTANCE)
     if not owner or not namespace:
         return
     try:
-        await _reconcile(memo, handler, namespace, owner)
+        await _reconcile(memo, handler, namespace, owner, seen_pods)
     except (kopf.PermanentError, kopf.TemporaryError) as err:
         # The FineTuneJob's own handlers retry; an event on a child only nudges.
         log.debug("reconcile of %s/%s after a %s event: %s", namespace, owner, handler, err)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={**CHILD, naming.LABEL_COMPONENT: naming.TRAINER})
-async def trainer_job_event(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
-    """The Job controller (or Kueue) changed a trainer Job: follow it."""
-    await _child_changed(memo, "trainer-job", namespace, labels)
+@kopf.on.event("jobset.x-k8s.io", "v1alpha2", "jobsets", labels=TRAINER_CHILD)
+async def trainer_jobset_event(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+    """The JobSet controller (or Kueue) changed a trainer JobSet: follow it."""
+    await _child_changed(memo, "trainer-jobset", namespace, labels)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels={**CHILD, naming.LABEL_COMPONENT: naming.SERVER})
+@kopf.on.event("", "v1", "pods", labels=TRAINER_CHILD)
+async def trainer_pod_event(
+    namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    """A trainer pod was scheduled, started, failed or deleted: diagnose the run while the pod exists."""
+    await _child_changed(memo, "trainer-pod", namespace, labels, (dict(body),))
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=SERVER_CHILD)
 async def server_deployment_event(
     namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any
 ) -> None:

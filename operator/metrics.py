@@ -35,7 +35,7 @@ TRAINER_RUNS = Counter(
 )
 
 
-HANDLERS = ("finetunejob", "trainer-job", "server-deployment")
+HANDLERS = ("finetunejob", "trainer-jobset", "trainer-pod", "server-deployment")
 OUTCOMES = ("succeeded", "failed", "rejected")
 
 

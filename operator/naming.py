@@ -21,14 +21,16 @@ ANNOTATION_TRAINING_HASH = "finetune.dev/training-hash"
 ANNOTATION_MODEL = "finetune.dev/model-path"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+JOBSET_RESTART_LABEL = "jobset.sigs.k8s.io/restart-attempt"
 
 TRAINER = "trainer"
 SERVER = "server"
 
 DNS_LABEL_MAX = 63
-# The Indexed Job controller names pods `<job>-<index>-<random 5>` and sets hostname `<job>-<index>`;
-# keep room for a 4-digit index and the suffix.
-JOB_NAME_MAX = 47
+# JobSet names pods `<jobset>-node-0-<index>-<random 5>` (hostname without the suffix), and its webhook
+# rejects a JobSet whose longest pod name would pass 63 characters; keep room for a 4-digit index.
+JOB_NAME_MAX = 45
 
 
 def _fit(base: str, suffix: str, limit: int) -> str:
@@ -42,7 +44,7 @@ def _fit(base: str, suffix: str, limit: int) -> str:
 
 
 def trainer_name(job: str, run: int) -> str:
-    """The trainer Job, its headless Service and its spec ConfigMap of one training run."""
+    """The trainer JobSet (and so its headless Service) and the spec ConfigMap of one training run."""
     return _fit(job, f"-train-{run}", JOB_NAME_MAX)
 
 

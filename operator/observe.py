@@ -1,13 +1,13 @@
-"""Pure readers of what the cluster reports: the trainer Job's state, the rank-0 pod's result, and
-whether the server Deployment has rolled out. Dicts in, small typed values out."""
+"""Pure readers of what the cluster reports: the trainer JobSet's state, the rank-0 pod's result, and
+whether the server Deployment has rolled out. Dicts in, small typed values out. What went wrong with
+trainer pods (and what Kueue says) is read in `finetune.operator.diagnosis`."""
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from finetune.contracts import TerminationMessage, TrainerResult
 from finetune.operator import naming
 
 JSON = dict[str, Any]
@@ -16,47 +16,36 @@ TrainerPhase = Literal["queued", "running", "succeeded", "failed"]
 
 @dataclass(frozen=True)
 class TrainerState:
-    """The trainer Job as the Job controller (and Kueue) report it."""
+    """The trainer JobSet as the JobSet controller (and Kueue) report it."""
 
     phase: TrainerPhase
-    active: int = 0
-    succeeded: int = 0
-    failed: int = 0
+    restarts: int = 0  # gang restarts for any cause (status.restarts)
+    restarts_counted: int = 0  # the ones that count against failurePolicy.maxRestarts
     reason: str = ""
     message: str = ""
 
 
-@dataclass(frozen=True)
-class TrainerResult:
-    """The summary the trainer's rank 0 writes to its termination message on success."""
-
-    model_path: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    headline_metric: str | None = None
-
-
-def _true_condition(obj: JSON, *types: str) -> JSON | None:
+def true_condition(obj: JSON, *types: str) -> JSON | None:
     for cond in (obj.get("status") or {}).get("conditions") or []:
         if cond.get("type") in types and cond.get("status") == "True":
             return dict(cond)
     return None
 
 
-def trainer_state(job: JSON) -> TrainerState:
-    """Queued while suspended (Kueue has not admitted it), then running until Complete or Failed."""
-    status = job.get("status") or {}
-    active, succeeded, failed = (int(status.get(k) or 0) for k in ("active", "succeeded", "failed"))
-    counts = {"active": active, "succeeded": succeeded, "failed": failed}
-    failure = _true_condition(job, "Failed", "FailureTarget")
+def trainer_state(jobset: JSON) -> TrainerState:
+    """Queued while suspended (Kueue has not admitted it), then running until Completed or Failed."""
+    status = jobset.get("status") or {}
+    restarts = int(status.get("restarts") or 0)
+    counted = int(status.get("restartsCountTowardsMax") or 0)
+    failure = true_condition(jobset, "Failed")
     if failure is not None:
         reason, message = str(failure.get("reason", "")), str(failure.get("message", ""))
-        return TrainerState("failed", active, succeeded, failed, reason, message)
-    completions = int((job.get("spec") or {}).get("completions") or 1)
-    if _true_condition(job, "Complete", "SuccessCriteriaMet") or counts["succeeded"] >= completions:
-        return TrainerState("succeeded", active, succeeded, failed)
-    if (job.get("spec") or {}).get("suspend"):
-        return TrainerState("queued", active, succeeded, failed)
-    return TrainerState("running", active, succeeded, failed)
+        return TrainerState("failed", restarts, counted, reason, message)
+    if true_condition(jobset, "Completed"):
+        return TrainerState("succeeded", restarts, counted)
+    if (jobset.get("spec") or {}).get("suspend"):
+        return TrainerState("queued", restarts, counted)
+    return TrainerState("running", restarts, counted)
 
 
 def completion_index(pod: JSON) -> str | None:
@@ -64,6 +53,12 @@ def completion_index(pod: JSON) -> str | None:
     return (meta.get("annotations") or {}).get(naming.COMPLETION_INDEX) or (meta.get("labels") or {}).get(
         naming.COMPLETION_INDEX
     )
+
+
+def attempt_of(pod: JSON) -> int:
+    """The gang attempt (JobSet restart attempt) a pod belongs to; 0 for a pod JobSet did not label."""
+    value = ((pod.get("metadata") or {}).get("labels") or {}).get(naming.JOBSET_RESTART_LABEL, "0")
+    return int(value) if str(value).isdigit() else 0
 
 
 def terminated(pod: JSON) -> JSON | None:
@@ -75,51 +70,19 @@ def terminated(pod: JSON) -> JSON | None:
     return None
 
 
-def rank0_pods(pods: list[JSON]) -> list[JSON]:
-    return [p for p in pods if completion_index(p) == "0"]
-
-
 def trainer_result(pods: list[JSON]) -> TrainerResult | str:
-    """The rank-0 pod's result, or a message saying why there is none."""
-    candidates = [p for p in rank0_pods(pods) if (p.get("status") or {}).get("phase") == "Succeeded"]
-    if not candidates:
-        return "the trainer finished but its rank-0 pod (completion index 0) is gone, so its result is lost"
-    state = terminated(candidates[-1]) or {}
-    text = (state.get("message") or "").strip()
-    try:
-        data = json.loads(text)
-        model_path = str(data["modelPath"])
-        raw_metrics = data.get("metrics") or {}
-    except (ValueError, KeyError, TypeError):
-        shown = text[:200] or "nothing"
-        return f"the trainer's rank-0 pod ended without a JSON result in its termination message (found: {shown})"
-    metrics = {
-        str(k): float(v)
-        for k, v in raw_metrics.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    }
-    headline = data.get("headlineMetric")
-    return TrainerResult(model_path, metrics, str(headline) if headline else None)
-
-
-def failure_message(state: TrainerState, pods: list[JSON], backoff_limit: int, job_name: str) -> str:
-    """What went wrong, in words a user can act on."""
-    why = {
-        "PodFailurePolicy": "a trainer pod exited with code 2: the spec or the data is wrong, a retry cannot "
-        "help; fix the dataset or training fields and apply again",
-        "BackoffLimitExceeded": f"trainer pods failed more than scheduling.backoffLimit ({backoff_limit}) times",
-        "DeadlineExceeded": "training ran past scheduling.activeDeadlineSeconds",
-    }.get(state.reason, f"the trainer Job failed ({state.reason or 'no reason given'})")
-    parts = [why]
-    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
-    for pod in failed[-1:]:
-        ended = terminated(pod) or {}
-        text = " ".join((ended.get("message") or "").split())[-300:]
-        code = ended.get("exitCode")
-        name = (pod.get("metadata") or {}).get("name", "?")
-        parts.append(f"pod {name} exited with code {code}" + (f": {text}" if text else ""))
-    parts.append(f"see `kubectl logs job/{job_name}`")
-    return "; ".join(parts)
+    """The result that node 0 (which holds global rank 0) left, or a message saying why there is none."""
+    finished = [
+        p for p in pods if completion_index(p) == "0" and (p.get("status") or {}).get("phase") == "Succeeded"
+    ]
+    if not finished:
+        return "the trainer finished but its node-0 pod (completion index 0) is gone, so its result is lost"
+    text = ((terminated(max(finished, key=attempt_of)) or {}).get("message") or "").strip()
+    message = TerminationMessage.decode(text)
+    if message is None or message.result is None:
+        shown = " ".join(text.split())[:200] or "nothing"
+        return f"the trainer's node-0 pod ended without a result in its termination message (found: {shown})"
+    return message.result
 
 
 def deployment_ready(dep: JSON, replicas: int) -> bool:

@@ -18,6 +18,7 @@ from finetune.spec import API_VERSION, KIND
 from finetune.status import Condition, FineTuneJobStatus, Phase
 
 SPEC_VALID = "SpecValid"
+JOBSET_AVAILABLE = "JobSetAvailable"
 ADMITTED = "Admitted"
 TRAINED = "Trained"
 PROMOTED = "Promoted"

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from finetune.operator import builders, k8s, naming, observe, phases
+from finetune.operator import builders, diagnosis, k8s, naming, observe, phases
 from finetune.operator.config import OperatorConfig
 from finetune.operator.gate import evaluate_gate
 from finetune.operator.metrics import TRAINER_RUNS, PhaseCounts
@@ -24,6 +24,8 @@ from finetune.status import Condition, FineTuneJobStatus, Trainer
 
 log = logging.getLogger(__name__)
 JSON = dict[str, Any]
+# Kueue's Workload API, newest first: the first one served is read for Kueue's admission message.
+KUEUE_VERSIONS = ("kueue.x-k8s.io/v1beta2", "kueue.x-k8s.io/v1beta1")
 
 
 @dataclass(frozen=True)
@@ -60,23 +62,28 @@ class Reconciler:
         self._locks.pop((namespace, name), None)
         self.counts.set(namespace, name, None)
 
-    async def reconcile(self, namespace: str, name: str) -> Wait | None:
-        """Reconcile the current state of one FineTuneJob (fetched fresh, under its lock)."""
+    async def reconcile(self, namespace: str, name: str, seen_pods: tuple[JSON, ...] = ()) -> Wait | None:
+        """Reconcile the current state of one FineTuneJob (fetched fresh, under its lock).
+
+        `seen_pods`: trainer pods a watch event just delivered; a failed pod may already be deleted
+        (a gang restart removes its pods), and its failure must still be recorded.
+        """
         lock = self._locks.setdefault((namespace, name), asyncio.Lock())
         async with lock:
             body = await self.api.get(ftj_path(namespace, name))
             if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
                 return None
-            return await _Step(self, body).run()
+            return await _Step(self, body, list(seen_pods)).run()
 
 
 class _Step:
     """The state of one reconcile pass: the object, its typed status, and how to write it."""
 
-    def __init__(self, owner: Reconciler, body: JSON) -> None:
+    def __init__(self, owner: Reconciler, body: JSON, seen_pods: list[JSON]) -> None:
         self.r = owner
         self.api = owner.api
         self.body = body
+        self.seen_pods = seen_pods
         meta = body["metadata"]
         self.namespace: str = meta["namespace"]
         self.name: str = meta["name"]
@@ -91,6 +98,7 @@ class _Step:
         """Patch the status with `fields` (skipped when nothing changes); one Event per phase change."""
         phase = fields.get("phase", self.status.phase)
         if "phase" in fields:
+            fields.setdefault("reason", None)  # a reason belongs to the phase it was written with
             ready = phase in ("Serving", "Succeeded")
             conds = fields.get("conditions", self.status.conditions)
             conds = phases.with_condition(
@@ -122,6 +130,7 @@ class _Step:
         except SpecError as err:
             await self.write(
                 phase="Failed",
+                reason="InvalidSpec",
                 message=f"invalid spec: {err}",
                 conditions=self.conditions(phases.SPEC_VALID, "False", "InvalidSpec", str(err)),
                 completion_time=self.status.completion_time or phases.now(),
@@ -145,11 +154,12 @@ class _Step:
         if trained is None or trained.status == "Unknown":
             if config_map is None:  # the run's objects are gone before it finished: create them again
                 return await self.start_run(job, run, previous=run)
-            if not await self.follow_trainer(job, run):
-                return None
+            followed = await self.follow_trainer(job, run)
+            if followed is not True:
+                return followed or None
         trained = phases.find_condition(self.status, phases.TRAINED)
         if trained is not None and trained.status == "False":
-            await self.write(phase="Failed", message=trained.message)
+            await self.write(phase="Failed", reason=trained.reason, message=trained.message)
             return None
         promoted = phases.find_condition(self.status, phases.PROMOTED)
         if promoted is None or promoted.status == "Unknown":
@@ -164,26 +174,18 @@ class _Step:
 
     async def start_run(self, job: FineTuneJob, run: int, previous: int) -> Wait | None:
         """Create run `run`'s objects (idempotent), record it, then drop the previous run's trainer."""
-        claim = job.spec.storage.claim_name
-        pvc = await self.api.get(f"{k8s.collection_path('v1', 'persistentvolumeclaims', self.namespace)}/{claim}")
-        if pvc is None:
-            message = (
-                f"PersistentVolumeClaim {claim!r} not found in namespace {self.namespace!r}: create it "
-                "(it holds the data and receives the model) or fix spec.storage.claimName"
-            )
-            await self.write(
-                phase="Pending",
-                message=message,
-                conditions=self.conditions("VolumeFound", "False", "ClaimNotFound", message),
-            )
-            return Wait(self.r.config.retry_delay, message)
+        missing = await self.missing_prerequisite(job)
+        if missing is not None:
+            return missing
         conditions = self.conditions("VolumeFound", "True", "ClaimFound")
+        conditions = phases.with_condition(
+            conditions, phases.JOBSET_AVAILABLE, "True", "JobSetServed", "", self.generation
+        )
         for obj in builders.build_trainer_rbac(job, uid=self.uid):
             await self.api.create(obj)
         await self.api.create(builders.build_spec_configmap(job, uid=self.uid, run=run))
-        await self.api.create(builders.build_headless_service(job, uid=self.uid, run=run))
         trainer = await self.api.create(
-            builders.build_trainer_job(job, uid=self.uid, run=run, image=self.r.config.image)
+            builders.build_trainer_jobset(job, uid=self.uid, run=run, image=self.r.config.image)
         )
         for type_ in (phases.TRAINED, phases.PROMOTED):
             conditions = phases.with_condition(conditions, type_, "Unknown", "NewRun", f"run {run}", self.generation)
@@ -197,93 +199,162 @@ class _Step:
             "progress": None,
             "start_time": None,
             "completion_time": None,
+            "trainer": Trainer(job_set_name=naming.trainer_name(self.name, run), run=run,
+                               restart_budget=job.spec.scheduling.backoff_limit),
         }
-        fields.update(self.trainer_fields(job, observe.trainer_state(trainer), run, conditions))
+        self.status = self.status.model_copy(update={"trainer": fields["trainer"]})
+        fields.update(self.trainer_fields(job, observe.trainer_state(trainer), run, [], conditions))
         if fields["phase"] == "Training":
             fields["start_time"] = phases.now()  # not the previous run's
         await self.write(**fields)
         if previous and previous != run:
-            for plural, version in (("jobs", "batch/v1"), ("services", "v1"), ("configmaps", "v1")):
+            for plural, version in (("jobsets", builders.JOBSET_API_VERSION), ("configmaps", "v1")):
                 await self.api.delete(self.trainer_path(version, plural, previous))
         return None
 
-    async def show_trainer(self, job: FineTuneJob, state: observe.TrainerState, run: int) -> None:
-        await self.write(**self.trainer_fields(job, state, run, self.status.conditions))
+    async def missing_prerequisite(self, job: FineTuneJob) -> Wait | None:
+        """Pending, with what to do, while the claim or the JobSet API is missing: nothing is created."""
+        claim = job.spec.storage.claim_name
+        pvc = await self.api.get(f"{k8s.collection_path('v1', 'persistentvolumeclaims', self.namespace)}/{claim}")
+        if pvc is None:
+            message = (
+                f"PersistentVolumeClaim {claim!r} not found in namespace {self.namespace!r}: create it "
+                "(it holds the data and receives the model) or fix spec.storage.claimName"
+            )
+            await self.write(
+                phase="Pending",
+                reason="ClaimNotFound",
+                message=message,
+                conditions=self.conditions("VolumeFound", "False", "ClaimNotFound", message),
+            )
+            return Wait(self.r.config.retry_delay, message)
+        if not await self.api.served(builders.JOBSET_API_VERSION):
+            message = diagnosis.jobset_missing_message()
+            await self.write(
+                phase="Pending",
+                reason="JobSetMissing",
+                message=message,
+                conditions=self.conditions(phases.JOBSET_AVAILABLE, "False", "JobSetMissing", message),
+            )
+            return Wait(self.r.config.retry_delay, message)
+        return None
 
     def trainer_fields(
-        self, job: FineTuneJob, state: observe.TrainerState, run: int, conditions: list[Condition]
+        self,
+        job: FineTuneJob,
+        state: observe.TrainerState,
+        run: int,
+        pods: list[JSON],
+        conditions: list[Condition],
+        kueue: str | None = None,
     ) -> dict[str, Any]:
-        """Status fields of a queued or running trainer."""
-        trainer = Trainer(
-            job_name=naming.trainer_name(self.name, run),
-            run=run,
-            active=state.active,
-            succeeded=state.succeeded,
-            failed=state.failed,
-        )
+        """Status fields of a queued, pending or running trainer."""
+        trainer = self.trainer_record(job, state, run, pods)
         queue = job.spec.scheduling.queue_name
         fields: dict[str, Any] = {"trainer": trainer, "conditions": conditions}
         if state.phase == "queued":
             message = f"waiting for Kueue to admit the trainer (LocalQueue {queue!r})"
-            fields.update(phase="Queued", message=message)
+            message += f": {kueue}" if kueue else ""
+            fields.update(phase="Queued", reason="Queued", message=message)
             fields["conditions"] = phases.with_condition(
                 conditions, phases.ADMITTED, "False", "Queued", message, self.generation
             )
-        else:
-            fields.update(phase="Training", message=f"training run {run} on {job.spec.resources.nodes} node(s)")
-            fields["start_time"] = self.status.start_time or phases.now()
-            if queue:
-                fields["conditions"] = phases.with_condition(
-                    conditions, phases.ADMITTED, "True", "Admitted", f"LocalQueue {queue!r}", self.generation
-                )
+            return fields
+        if queue:
+            fields["conditions"] = phases.with_condition(
+                conditions, phases.ADMITTED, "True", "Admitted", f"LocalQueue {queue!r}", self.generation
+            )
+        problem = diagnosis.pod_problem(pods, state.restarts)
+        if problem is not None:
+            message = f"run {run} cannot start: {problem.message}"
+            fields.update(phase="Pending", reason=problem.reason, message=message)
+            return fields
+        message = f"training run {run} on {job.spec.resources.nodes} node(s)"
+        if state.restarts:
+            budget = job.spec.scheduling.backoff_limit
+            message += "; " + diagnosis.restart_note(state.restarts, state.restarts_counted, budget, trainer.failures)
+        fields.update(phase="Training", reason="Restarted" if state.restarts else "Running", message=message)
+        fields["start_time"] = self.status.start_time or phases.now()
         return fields
 
-    async def follow_trainer(self, job: FineTuneJob, run: int) -> bool:
-        """Mirror the trainer Job; True once it succeeded and its result is recorded."""
-        trainer = await self.api.get(self.trainer_path("batch/v1", "jobs", run))
-        if trainer is None:
+    def trainer_record(self, job: FineTuneJob, state: observe.TrainerState, run: int, pods: list[JSON]) -> Trainer:
+        """status.trainer: pod counts of the current attempt, restarts, and the first failure of each."""
+        known = self.status.trainer.failures if self.status.trainer and self.status.trainer.run == run else []
+        current = [p for p in pods if observe.attempt_of(p) == state.restarts]
+        phase_of = [(p.get("status") or {}).get("phase") for p in current]
+        return Trainer(
+            job_set_name=naming.trainer_name(self.name, run),
+            run=run,
+            active=sum(ph in ("Pending", "Running") for ph in phase_of),
+            succeeded=phase_of.count("Succeeded"),
+            failed=sum(diagnosis.failed(p) for p in current),
+            restarts=state.restarts,
+            restarts_counted=state.restarts_counted,
+            restart_budget=job.spec.scheduling.backoff_limit,
+            failures=diagnosis.merge_failures(known, pods),
+        )
+
+    async def trainer_pods(self, run: int, seen: list[JSON]) -> list[JSON]:
+        """The run's pods now, plus any a pod event just showed (it may be deleted already)."""
+        pods = await self.api.list(k8s.collection_path("v1", "pods", self.namespace), naming.run_labels(self.name, run))
+        names = {(p.get("metadata") or {}).get("name") for p in pods}
+        mine = [p for p in seen if k8s.has_labels(p, naming.run_labels(self.name, run))]
+        return pods + [p for p in mine if (p.get("metadata") or {}).get("name") not in names]
+
+    async def kueue_message(self, jobset: str) -> str | None:
+        for version in KUEUE_VERSIONS:
+            if await self.api.served(version):
+                workloads = await self.api.list(k8s.collection_path(version, "workloads", self.namespace))
+                return diagnosis.kueue_message(workloads, jobset)
+        return None
+
+    async def follow_trainer(self, job: FineTuneJob, run: int) -> bool | Wait:
+        """Mirror the trainer JobSet; True once it succeeded and its result is recorded."""
+        jobset = await self.api.get(self.trainer_path(builders.JOBSET_API_VERSION, "jobsets", run))
+        if jobset is None:
             message = (
-                f"trainer Job {naming.trainer_name(self.name, run)} disappeared before it finished "
+                f"trainer JobSet {naming.trainer_name(self.name, run)} disappeared before it finished "
                 "(deleted by hand?); change a training field or re-create the FineTuneJob to train again"
             )
             await self.write(
                 phase="Failed",
+                reason="TrainerGone",
                 message=message,
                 conditions=self.conditions(phases.TRAINED, "False", "TrainerGone", message),
                 completion_time=phases.now(),
             )
             TRAINER_RUNS.labels(outcome="failed").inc()
             return False
-        state = observe.trainer_state(trainer)
+        state = observe.trainer_state(jobset)
+        pods = await self.trainer_pods(run, self.seen_pods)
         if state.phase in ("queued", "running"):
-            await self.show_trainer(job, state, run)
-            return False
-        pods = await self.api.list(
-            k8s.collection_path("v1", "pods", self.namespace), naming.run_labels(self.name, run)
-        )
-        counts = Trainer(
-            job_name=trainer["metadata"]["name"],
-            run=run,
-            active=state.active,
-            succeeded=state.succeeded,
-            failed=state.failed,
-        )
+            kueue = await self.kueue_message(jobset["metadata"]["name"]) if state.phase == "queued" else None
+            await self.note_restart(job, state, run, pods)
+            await self.write(**self.trainer_fields(job, state, run, pods, self.status.conditions, kueue))
+            return Wait(self.r.config.retry_delay, "queued") if state.phase == "queued" else False
+        record = self.trainer_record(job, state, run, pods)
         if state.phase == "failed":
-            message = observe.failure_message(
-                state, pods, job.spec.scheduling.backoff_limit, trainer["metadata"]["name"]
+            jobs = await self.api.list(
+                k8s.collection_path("batch/v1", "jobs", self.namespace),
+                {naming.JOBSET_NAME_LABEL: jobset["metadata"]["name"]},
             )
-            await self.fail_training(counts, state.reason or "TrainerFailed", message)
+            reason, message = diagnosis.failed_message(
+                state, record.failures, record.restart_budget, jobset["metadata"]["name"],
+                diagnosis.job_failure_reason(jobs),
+            )
+            await self.fail_training(record, reason, message)
             return False
         result = observe.trainer_result(pods)
         if isinstance(result, str):
-            await self.fail_training(counts, "NoResult", result)
+            await self.fail_training(record, "NoResult", result)
             return False
         headline = result.headline_metric or job.spec.headline_metric
         value = result.metrics.get(headline)
         await self.write(
             phase="Evaluating",
-            message=f"run {run} finished; checking the quality gate",
-            trainer=counts,
+            reason="TrainerSucceeded",
+            message=f"run {run} finished on {result.world_size} process(es); checking the quality gate",
+            trainer=record,
             model_path=result.model_path,
             metrics=result.metrics,
             headline_metric=f"{headline}={value:.4g}" if value is not None else None,
@@ -291,9 +362,19 @@ class _Step:
         )
         return True
 
+    async def note_restart(self, job: FineTuneJob, state: observe.TrainerState, run: int, pods: list[JSON]) -> None:
+        """A Warning Event per gang restart, naming the pod that failed first and why."""
+        before = self.status.trainer.restarts if self.status.trainer and self.status.trainer.run == run else 0
+        if state.restarts <= before:
+            return
+        record = self.trainer_record(job, state, run, pods)
+        note = diagnosis.restart_note(state.restarts, state.restarts_counted, record.restart_budget, record.failures)
+        await self.r.event(self.body, "Warning", "TrainerRestarted", f"run {run}: {note}")
+
     async def fail_training(self, counts: Trainer, reason: str, message: str) -> None:
         await self.write(
             phase="Failed",
+            reason=reason,
             message=message,
             trainer=counts,
             conditions=self.conditions(phases.TRAINED, "False", reason, message),
@@ -319,6 +400,7 @@ class _Step:
             message += f"; still serving {self.status.serving_model_path}"
         await self.write(
             phase="Rejected",
+            reason="GateFailed",
             message=message,
             conditions=self.conditions(phases.PROMOTED, "False", "GateFailed", decision.reason),
             completion_time=phases.now(),
@@ -370,7 +452,7 @@ class _Step:
         if problem:
             name = deployment["metadata"]["name"]
             message += f"; the rollout is stuck ({problem}); see `kubectl describe deployment {name}`"
-        await self.write(phase="Deploying", message=message)
+        await self.write(phase="Deploying", reason="RolloutStuck" if problem else "RollingOut", message=message)
         return None
 
     async def ensure(self, obj: JSON) -> JSON:

@@ -78,17 +78,31 @@ class FastEmulator(kmock.KubernetesEmulator):
         ]
 
 
-def declare(emulator: kmock.KubernetesEmulator, namespaces: tuple[str, ...] = ()) -> None:
-    """Every resource the operator and kopf touch (the bundled built-ins plus the FineTuneJob CRD)."""
+VERBS = frozenset({"list", "watch", "get", "patch", "create", "delete", "update"})
+
+
+def declare(
+    emulator: kmock.KubernetesEmulator, namespaces: tuple[str, ...] = (), *, jobset: bool = True, kueue: bool = False
+) -> None:
+    """Every resource the operator and kopf touch: the bundled built-ins, the FineTuneJob CRD and, as a
+    cluster with those installed has them, JobSet's CRD (a prerequisite) and Kueue's Workloads."""
     emulator.resources.load_bundled()
     emulator.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = emulator.ResourceInfo(
         kind=KIND,
         singular=SINGULAR,
         namespaced=True,
         shortnames={SHORT_NAME},
-        verbs={"list", "watch", "get", "patch", "create", "delete", "update"},
+        verbs=set(VERBS),
         subresources={"status"},
     )
+    if jobset:
+        emulator.resources["jobset.x-k8s.io/v1alpha2/jobsets"] = emulator.ResourceInfo(
+            kind="JobSet", singular="jobset", namespaced=True, verbs=set(VERBS), subresources={"status"}
+        )
+    if kueue:
+        emulator.resources["kueue.x-k8s.io/v1beta1/workloads"] = emulator.ResourceInfo(
+            kind="Workload", singular="workload", namespaced=True, verbs=set(VERBS), subresources={"status"}
+        )
     for namespace in namespaces:
         emulator.objects["v1/namespaces", None, namespace] = {"metadata": {"name": namespace}}
 

@@ -143,7 +143,10 @@ def test_fine_tune_gate_and_serve(kubectl: Kubectl, namespace: str) -> None:
         kubectl.run("logs", "seed", "-n", namespace, check=False).stdout
     )
 
-    kubectl.apply(ftj("sentiment", namespace, "data"))
+    # Two trainer pods on CPUs: one gloo world through the JobSet's headless Service (kind runs one node,
+    # so the ReadWriteOnce claim can be shared by both).
+    kubectl.apply(ftj("sentiment", namespace, "data", resources={
+        "nodes": 2, "gpusPerNode": 0, "cpu": "1", "memory": "2Gi", "shmSize": "256Mi"}))
     final = kubectl.wait_for(
         "phase Serving",
         lambda: (s := status(kubectl, namespace, "sentiment")).get("phase") in ("Serving", "Failed", "Rejected") and s,
@@ -151,6 +154,21 @@ def test_fine_tune_gate_and_serve(kubectl: Kubectl, namespace: str) -> None:
     )
     assert final["phase"] == "Serving", json.dumps(final, indent=2)
     assert final["metrics"]["f1"] >= 0.6
+    assert final["trainer"]["restarts"] == 0 and final["trainer"]["jobSetName"] == "sentiment-train-1"
+    events = kubectl.run("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=sentiment",
+                         "-o", "jsonpath={.items[*].message}").stdout
+    assert "finished on 2 process(es)" in events, events
+
+    # Bad data: the trainer's exit code 2 reaches the JobSet, which fails at once with no restart.
+    kubectl.apply(ftj("bad-data", namespace, "data", dataset={
+        "train": {"path": "/workspace/data/train.tsv"}, "textColumn": "sentence", "labelColumn": "nope"}))
+    failed = kubectl.wait_for(
+        "phase Failed",
+        lambda: (s := status(kubectl, namespace, "bad-data")).get("phase") in ("Failed", "Serving") and s,
+        600, interval=5,
+    )
+    assert failed["phase"] == "Failed" and failed["reason"] == "PermanentError", json.dumps(failed, indent=2)
+    assert "'nope' not found" in failed["message"] and failed["trainer"]["restarts"] == 0
     assert final["endpoint"].startswith("http://sentiment-server.")
 
     # Through the API server's service proxy: no port-forward, no extra pod.

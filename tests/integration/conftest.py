@@ -1,9 +1,8 @@
-"""Fixtures for real training runs: a tiny BERT saved with save_pretrained, and small data files."""
+"""Fixtures for real training runs (trainer, operator and pods-in-a-box tests): a tiny BERT saved with
+save_pretrained, and small data files."""
 
 from __future__ import annotations
 
-import csv
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,11 +10,14 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[3]
-SST2 = ROOT / "data" / "sst2"
-POSITIVE = ["good", "great", "fine", "lovely", "superb", "charming", "moving", "smart"]
-NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "ugly", "tedious", "messy"]
-FILLER = ["the", "film", "is", "a", "story", "with", "actors", "and", "plot", "it", "was", "very"]
+from finetune.operator.testing import FastEmulator
+from tests.integration.synthetic import synthetic_rows, write_tsv
+
+
+@pytest.fixture()
+def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
+    """kmock's `kmock` fixture, with the emulator that stays fast for hundreds of objects."""
+    return {**kmock_options, "cls": FastEmulator}
 
 
 @pytest.fixture(scope="session")
@@ -31,26 +33,6 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-def synthetic_rows(n: int, seed: int) -> list[tuple[str, str, str]]:
-    """A sentiment task a tiny model learns in seconds: one polar word among filler words."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.random() < 0.5
-        words = rng.choices(FILLER, k=rng.randint(3, 14))
-        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
-        rows.append((" ".join(words), "positive" if label else "negative", rng.choice(["en-us", "en-gb"])))
-    return rows
-
-
-def write_tsv(path: Path, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 @pytest.fixture

@@ -1,7 +1,10 @@
 """kopf for real, in-process, against kmock's Kubernetes emulator.
 
-The emulator runs no controllers, so the tests play the Job controller, the kubelet and the
-Deployment controller by patching child status, then assert what the operator did.
+The emulator runs no controllers, so these tests play the JobSet and Job controllers, the kubelet and
+the Deployment controller by patching child status, then assert what the operator did. What the trainer
+reports (its termination message) always comes from a real `finetune train` run of the exact command
+the operator puts in the trainer pods (`trained`, once per test session); `tests/integration/podbox`
+runs the whole gang for real.
 """
 
 from __future__ import annotations
@@ -9,22 +12,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import kmock
 import kopf
 import pytest
 
-from finetune.operator import k8s, naming
+from finetune.contracts import TerminationMessage
+from finetune.operator import builders, k8s, naming
 from finetune.operator.config import OperatorConfig
-from finetune.operator.testing import FastEmulator, declare, running_operator, server_url
+from finetune.operator.testing import declare, running_operator, server_url
+from tests.integration.pod_command import pod_command
+from tests.integration.synthetic import synthetic_rows, write_tsv
 
 NS = "ml"
 FTJS = f"/apis/finetune.dev/v1alpha1/namespaces/{NS}/finetunejobs"
-JOBS = f"/apis/batch/v1/namespaces/{NS}/jobs"
+JOBSETS = f"/apis/jobset.x-k8s.io/v1alpha2/namespaces/{NS}/jobsets"
 DEPLOYMENTS = f"/apis/apps/v1/namespaces/{NS}/deployments"
 FAST = OperatorConfig(
     metrics_port=None,
@@ -61,12 +68,6 @@ def ftj(name: str, uid: str | None = None, **overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture()
-def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
-    """kmock's `kmock` fixture, with the emulator that stays fast for hundreds of objects."""
-    return {**kmock_options, "cls": FastEmulator}
-
-
-@pytest.fixture()
 def cluster(kmock: kmock.KubernetesEmulator) -> kmock.KubernetesEmulator:
     declare(kmock, namespaces=(NS,))
     kmock.objects["v1/persistentvolumeclaims", NS, "data"] = {"metadata": {"name": "data", "namespace": NS}}
@@ -80,7 +81,7 @@ async def api(cluster: kmock.KubernetesEmulator) -> AsyncIterator[k8s.Api]:
         yield client
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0, what: str = "") -> Any:
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 60.0, what: str = "") -> Any:
     """Poll `check` until it returns something truthy; fail with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -92,31 +93,95 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0,
     raise AssertionError(f"timed out after {timeout}s waiting for {what or check}; last: {last!r}")
 
 
-def pod(job_name: str, owner: str, run: int, index: int, phase: str, terminated: dict[str, Any] | None,
-        conditions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """A trainer pod as the Job controller and the kubelet would leave it."""
+def pod(owner: str, run: int, index: int, phase: str, terminated: dict[str, Any] | None,
+        conditions: list[dict[str, Any]] | None = None, attempt: int = 0,
+        waiting: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A trainer pod as the JobSet and Job controllers and the kubelet would leave it."""
+    jobset = naming.trainer_name(owner, run)
     status: dict[str, Any] = {"phase": phase, "conditions": conditions or []}
-    if terminated is not None:
-        status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": terminated}}]
+    state = {"terminated": terminated} if terminated is not None else {"waiting": waiting} if waiting else {}
+    status["containerStatuses"] = [{"name": "trainer", "image": "img:1", "state": state}]
+    labels = {**naming.run_labels(owner, run), naming.COMPLETION_INDEX: str(index),
+              naming.JOBSET_NAME_LABEL: jobset, naming.JOBSET_RESTART_LABEL: str(attempt)}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": f"{job_name}-{index}-{phase.lower()}",
+            "name": f"{jobset}-{builders.REPLICATED_JOB}-0-{index}-a{attempt}{phase.lower()[:3]}",
             "namespace": NS,
-            "labels": {**naming.run_labels(owner, run), naming.COMPLETION_INDEX: str(index)},
+            "labels": labels,
             "annotations": {naming.COMPLETION_INDEX: str(index)},
         },
         "status": status,
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """Termination messages of real node-0 trainer pods: a strong model and two weak ones (the same
+    training, two output folders: two runs of a model that did not improve)."""
+
+    good: str
+    weak: str
+    weak_again: str
+
+    def result(self, which: str) -> Any:
+        message = TerminationMessage.decode(getattr(self, which))
+        assert message is not None and message.result is not None
+        return message.result
+
+
+def train_for_real(workdir: Path, write_job: Callable[..., Path], model: Path, data: Path, **training: Any) -> str:
+    output, log = workdir / "out", workdir / "termination-log"
+    job = write_job(model, data, name=workdir.name, training=training)
+    done = subprocess.run(pod_command(job, output, log), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return log.read_text()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Trained:
+    """Two real trainer runs, once per session: what the operator reads comes from the trainer itself."""
+    root = tmp_path_factory.mktemp("real-runs")
+    data = write_tsv(root / "train.tsv", synthetic_rows(400, seed=1), ("review", "sentiment", "locale"))
+    messages = {}
+    weak = {"maxSteps": 1, "learningRate": 1e-6}
+    for which, training in {"good": {"epochs": 4}, "weak": weak, "weak_again": weak}.items():
+        folder = root / which.replace("_", "-")
+        folder.mkdir()
+        messages[which] = train_for_real(folder, _writer(folder), tiny_bert, data, **training)
+    trained = Trained(**messages)
+    good, weak = trained.result("good"), trained.result("weak")
+    assert good.metrics["f1"] > weak.metrics["f1"] + 0.05, (good.metrics, weak.metrics)
+    return trained
+
+
+def _writer(folder: Path) -> Callable[..., Path]:
+    import yaml
+
+    def write(model_path: Path, train_path: Path, name: str, training: dict[str, Any]) -> Path:
+        spec = {
+            "task": "text-classification",
+            "model": {"path": str(model_path)},
+            "dataset": {"train": {"path": str(train_path)}, "textColumn": "review", "labelColumn": "sentiment"},
+            "training": {"epochs": 1, "batchSize": 16, "learningRate": 3e-3, "maxLength": 32, "warmupRatio": 0.0,
+                         **training},
+        }
+        path = folder / "job.yaml"
+        path.write_text(yaml.safe_dump({"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+                                        "metadata": {"name": name}, "spec": spec}))
+        return path
+
+    return write
+
+
 class Kube:
     """The user and the missing controllers, acting through real HTTP on the emulator."""
 
-    def __init__(self, emulator: kmock.KubernetesEmulator, api: k8s.Api) -> None:
+    def __init__(self, emulator: kmock.KubernetesEmulator, api: k8s.Api, trained: Trained) -> None:
         self.emulator = emulator
         self.api = api
+        self.trained = trained
 
     spec = staticmethod(spec)
     ftj = staticmethod(ftj)
@@ -136,17 +201,17 @@ class Kube:
         body = await self.api.get(f"{FTJS}/{name}")
         return (body or {}).get("status") or {}
 
-    async def wait_phase(self, name: str, phase: str, timeout: float = 10.0) -> dict[str, Any]:
+    async def wait_phase(self, name: str, phase: str, timeout: float = 60.0) -> dict[str, Any]:
         async def check() -> dict[str, Any] | None:
             status = await self.status(name)
             return status if status.get("phase") == phase else None
 
         return await eventually(check, timeout, f"{name} phase {phase}")  # type: ignore[no-any-return]
 
-    async def wait_job(self, name: str, run: int = 1) -> dict[str, Any]:
-        path = f"{JOBS}/{naming.trainer_name(name, run)}"
-        job: dict[str, Any] = await eventually(lambda: self.api.get(path), what=f"trainer Job of {name} run {run}")
-        return job
+    async def wait_jobset(self, name: str, run: int = 1) -> dict[str, Any]:
+        path = f"{JOBSETS}/{naming.trainer_name(name, run)}"
+        found: dict[str, Any] = await eventually(lambda: self.api.get(path), what=f"trainer JobSet of {name} run {run}")
+        return found
 
     async def edit(self, name: str, **spec_changes: Any) -> None:
         """The user edits the spec (kmock does not count generations, so the edit bumps it)."""
@@ -180,25 +245,24 @@ class Kube:
                 return dict(obj.raw)
         raise AssertionError(f"no live {plural}/{name}")
 
-    async def set_job_status(self, job_name: str, status: dict[str, Any]) -> None:
-        await self.api.merge_patch(f"{JOBS}/{job_name}/status", {"status": status})
+    async def set_jobset_status(self, name: str, status: dict[str, Any]) -> None:
+        await self.api.merge_patch(f"{JOBSETS}/{name}/status", {"status": status})
 
-    async def fail_pod(self, owner: str, run: int, index: int, code: int, message: str,
-                       conditions: list[dict[str, Any]] | None = None) -> None:
-        job_name = naming.trainer_name(owner, run)
-        await self.api.create(pod(job_name, owner, run, index, "Failed", {"exitCode": code, "message": message},
-                                  conditions))
+    async def add_pod(self, owner: str, run: int, index: int, phase: str, *, code: int | None = None,
+                      message: str = "", conditions: list[dict[str, Any]] | None = None, attempt: int = 0,
+                      waiting: dict[str, Any] | None = None, finished: str | None = None) -> dict[str, Any]:
+        terminated = None
+        if code is not None:
+            terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error", "message": message,
+                          **({"finishedAt": finished} if finished else {})}
+        return await self.api.create(pod(owner, run, index, phase, terminated, conditions, attempt, waiting))
 
-    async def finish_training(self, owner: str, run: int = 1, metrics: dict[str, float] | None = None) -> str:
-        """Kubelet + Job controller: rank 0 writes its result, then the Job completes."""
-        job_name = naming.trainer_name(owner, run)
-        path = f"/workspace/{owner}/run-{run}"
-        message = json.dumps({"modelPath": path, "metrics": metrics or {"f1": 0.9, "accuracy": 0.91},
-                              "headlineMetric": "f1"})
-        await self.api.create(pod(job_name, owner, run, 0, "Succeeded", {"exitCode": 0, "message": message}))
-        await self.set_job_status(job_name, {"active": 0, "succeeded": 1, "conditions": [
-            {"type": "Complete", "status": "True"}]})
-        return path
+    async def finish_training(self, owner: str, run: int = 1, which: str = "good") -> str:
+        """Kubelet + JobSet controller: node 0 leaves a real trainer's result, then the JobSet completes."""
+        await self.add_pod(owner, run, 0, "Succeeded", code=0, message=getattr(self.trained, which))
+        await self.set_jobset_status(naming.trainer_name(owner, run), {"conditions": [
+            {"type": "Completed", "status": "True", "reason": "AllJobsCompleted"}]})
+        return str(self.trained.result(which).model_path)
 
     async def roll_out(self, owner: str, replicas: int = 2) -> None:
         """Deployment controller: every replica updated and available."""
@@ -210,8 +274,8 @@ class Kube:
 
 
 @pytest.fixture()
-async def kube(cluster: kmock.KubernetesEmulator, api: k8s.Api) -> Kube:
-    return Kube(cluster, api)
+async def kube(cluster: kmock.KubernetesEmulator, api: k8s.Api, trained: Trained) -> Kube:
+    return Kube(cluster, api, trained)
 
 
 @pytest.fixture()

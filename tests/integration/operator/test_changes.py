@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(180)
 async def serve(kube, name: str, **overrides) -> dict:
     """Create a FineTuneJob and drive it to Serving."""
     await kube.create(name, **overrides)
-    await kube.wait_job(name)
+    await kube.wait_jobset(name)
     await kube.finish_training(name)
     await kube.wait_phase(name, "Deploying")
     await kube.roll_out(name)
@@ -38,8 +38,8 @@ async def test_serving_edit_rerolls_only_the_deployment(kube, running) -> None:
     assert kube.stored("horizontalpodautoscalers", "edit-serving-server")["spec"]["minReplicas"] == 3
     status = await kube.status("edit-serving")
     assert status["trainer"]["run"] == 1 and status["observedGeneration"] == 2
-    assert kube.live("jobs", "edit-serving") == ["edit-serving-train-1"]  # no new training run
-    assert model_of(kube, "edit-serving") == "/workspace/edit-serving/run-1"
+    assert kube.live("jobsets", "edit-serving") == ["edit-serving-train-1"]  # no new training run
+    assert model_of(kube, "edit-serving") == kube.trained.result("good").model_path
 
 
 async def _hpa(kube, name: str) -> bool:
@@ -47,31 +47,41 @@ async def _hpa(kube, name: str) -> bool:
 
 
 async def test_training_edit_starts_a_new_run_and_keeps_serving_until_the_gate(kube, running) -> None:
-    await serve(kube, "retrain", promotion={"minImprovement": 0.01})
-    # A worse model: rejected, and the first model keeps serving.
+    weak, good = kube.trained.result("weak"), kube.trained.result("good")
+    await kube.create("retrain", promotion={"minImprovement": 0.01})
+    await kube.wait_jobset("retrain")
+    await kube.finish_training("retrain", which="weak")
+    await kube.wait_phase("retrain", "Deploying")
+    await kube.roll_out("retrain")
+    await kube.wait_phase("retrain", "Serving")
+    # A model no better than the one serving: rejected, and the first model keeps serving.
     await kube.edit("retrain", training={"epochs": 2})
-    await kube.wait_job("retrain", run=2)
+    await kube.wait_jobset("retrain", run=2)
     status = await kube.wait_phase("retrain", "Training")
     assert status["trainer"]["run"] == 2 and "modelPath" not in status and "progress" not in status
-    assert kube.live("jobs", "retrain") == ["retrain-train-2"]  # the old run's trainer is gone
-    assert status["servingModelPath"] == "/workspace/retrain/run-1"
-    await kube.finish_training("retrain", run=2, metrics={"f1": 0.895})
+    await kube.eventually(lambda: _only_jobset(kube, "retrain", "retrain-train-2"), what="the old run's trainer gone")
+    assert status["servingModelPath"] == weak.model_path
+    await kube.finish_training("retrain", run=2, which="weak_again")
     status = await kube.wait_phase("retrain", "Rejected")
     assert "less than promotion.minImprovement" in status["message"]
-    assert "still serving /workspace/retrain/run-1" in status["message"]
-    assert model_of(kube, "retrain") == "/workspace/retrain/run-1"
+    assert f"still serving {weak.model_path}" in status["message"]
+    assert model_of(kube, "retrain") == weak.model_path
     assert status["endpoint"]
     # A better model: passes the gate and rolls out.
     await kube.edit("retrain", training={"epochs": 3})
-    await kube.wait_job("retrain", run=3)
-    await kube.finish_training("retrain", run=3, metrics={"f1": 0.95})
+    await kube.wait_jobset("retrain", run=3)
+    await kube.finish_training("retrain", run=3, which="good")
     # The emulator does not bump metadata.generation, so the old rollout status looks current and the
     # phase may go straight to Serving; a real cluster shows Deploying until the new pods are ready.
-    await kube.eventually(lambda: _serving_model(kube, "retrain", "/workspace/retrain/run-3"), what="run 3 served")
-    assert model_of(kube, "retrain") == "/workspace/retrain/run-3"
+    await kube.eventually(lambda: _serving_model(kube, "retrain", good.model_path), what="run 3 served")
+    assert model_of(kube, "retrain") == good.model_path
     status = await kube.wait_phase("retrain", "Serving")
-    assert status["servingModelPath"] == "/workspace/retrain/run-3"
-    assert status["servingMetrics"]["f1"] == 0.95
+    assert status["servingModelPath"] == good.model_path
+    assert status["servingMetrics"]["f1"] == good.metrics["f1"]
+
+
+async def _only_jobset(kube, owner: str, name: str) -> bool:
+    return kube.live("jobsets", owner) == [name]
 
 
 async def _serving_model(kube, name: str, path: str) -> bool:
@@ -80,7 +90,7 @@ async def _serving_model(kube, name: str, path: str) -> bool:
 
 async def test_deletion_leaves_children_to_the_garbage_collector(kube, running) -> None:
     await serve(kube, "gone")
-    children = {p: kube.live(p, "gone") for p in ("jobs", "services", "configmaps", "deployments", "roles",
+    children = {p: kube.live(p, "gone") for p in ("jobsets", "services", "configmaps", "deployments", "roles",
                                                  "rolebindings", "serviceaccounts", "poddisruptionbudgets")}
     await kube.delete("gone")
     await kube.eventually(lambda: _deleted(kube, "gone"), what="the FineTuneJob gone")
@@ -92,7 +102,7 @@ async def test_deletion_leaves_children_to_the_garbage_collector(kube, running) 
             assert refs == [{"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "gone",
                              "uid": "uid-gone", "controller": True, "blockOwnerDeletion": True}]
     # Nothing is re-created for a deleted owner, even when a child changes afterwards.
-    await kube.set_job_status("gone-train-1", {"active": 0})
+    await kube.set_jobset_status("gone-train-1", {"restarts": 0})
     await asyncio.sleep(0.3)
     assert kube.live("finetunejobs") == []
 
@@ -104,7 +114,7 @@ async def _deleted(kube, name: str) -> bool:
 async def test_restart_mid_reconcile_creates_no_duplicates(kube) -> None:
     async with kube.operator():
         await kube.create("restart")
-        await kube.wait_job("restart")
+        await kube.wait_jobset("restart")
         await kube.wait_phase("restart", "Training")
     # The operator died between creating the Job and recording it in the status.
     await kube.api.merge_patch("/apis/finetune.dev/v1alpha1/namespaces/ml/finetunejobs/restart/status",
@@ -112,16 +122,16 @@ async def test_restart_mid_reconcile_creates_no_duplicates(kube) -> None:
     async with kube.operator():
         status = await kube.wait_phase("restart", "Training")
         assert status["trainer"]["run"] == 1
-        assert kube.live("jobs", "restart") == ["restart-train-1"]
+        assert kube.live("jobsets", "restart") == ["restart-train-1"]
     # While no operator runs, the training finishes; the next operator picks it up from the Job.
     await kube.finish_training("restart")
     async with kube.operator():
         await kube.wait_phase("restart", "Deploying")
         await kube.roll_out("restart")
         status = await kube.wait_phase("restart", "Serving")
-    assert kube.live("jobs", "restart") == ["restart-train-1"]
+    assert kube.live("jobsets", "restart") == ["restart-train-1"]
     assert kube.live("deployments", "restart") == ["restart-server"]
-    assert status["metrics"] == {"f1": 0.9, "accuracy": 0.91}
+    assert status["metrics"] == kube.trained.result("good").metrics
     reasons = [reason for _, reason, _ in kube.events("restart")]
     assert reasons.count("Serving") == 1
 
@@ -130,13 +140,13 @@ async def test_a_hundred_jobs_at_once(kube, running) -> None:
     names = [f"bulk-{i:03d}" for i in range(100)]
     started = time.monotonic()
     await asyncio.gather(*(kube.create(n) for n in names))
-    await kube.eventually(lambda: _all_phase(kube, names, "Training"), timeout=60, what="100 jobs training")
+    await kube.eventually(lambda: _all_phase(kube, names, "Training"), timeout=120, what="100 jobs training")
     created = time.monotonic() - started
-    assert len(kube.live("jobs", "bulk-")) == 100
+    assert len(kube.live("jobsets", "bulk-")) == 100
     await asyncio.gather(*(kube.finish_training(n) for n in names))
-    await kube.eventually(lambda: _all_phase(kube, names, "Deploying"), timeout=60, what="100 jobs deploying")
+    await kube.eventually(lambda: _all_phase(kube, names, "Deploying"), timeout=120, what="100 jobs deploying")
     await asyncio.gather(*(kube.roll_out(n) for n in names))
-    await kube.eventually(lambda: _all_phase(kube, names, "Serving"), timeout=60, what="100 jobs serving")
+    await kube.eventually(lambda: _all_phase(kube, names, "Serving"), timeout=120, what="100 jobs serving")
     assert len(kube.live("deployments", "bulk-")) == 100
     print(f"100 FineTuneJobs: all trainer Jobs in {created:.1f}s, all Serving in {time.monotonic() - started:.1f}s")
 
@@ -170,9 +180,9 @@ async def test_operator_metrics(kube) -> None:
     async with kube.operator(metrics_port=port, metrics_host="127.0.0.1"):
         before = await scrape(port)
         await serve(kube, "observed")
-        await kube.create("rejected", promotion={"minValue": 0.99})
-        await kube.wait_job("rejected")
-        await kube.finish_training("rejected")
+        await kube.create("rejected", promotion={"minValue": 0.8})
+        await kube.wait_jobset("rejected")
+        await kube.finish_training("rejected", which="weak")
         await kube.wait_phase("rejected", "Rejected")
         after = await scrape(port)
     assert after['finetune_operator_jobs{phase="Serving"}'] == 1
@@ -185,7 +195,7 @@ async def test_operator_metrics(kube) -> None:
     assert delta('finetune_operator_trainer_runs_total{outcome="succeeded"}') == 1
     assert delta('finetune_operator_trainer_runs_total{outcome="rejected"}') == 1
     assert delta('finetune_operator_reconcile_duration_seconds_count{handler="finetunejob"}') >= 2
-    assert delta('finetune_operator_reconcile_duration_seconds_count{handler="trainer-job"}') >= 2
+    assert delta('finetune_operator_reconcile_duration_seconds_count{handler="trainer-jobset"}') >= 2
     assert 'finetune_operator_reconcile_errors_total{handler="finetunejob"}' in after
 
 
@@ -195,7 +205,7 @@ async def test_turning_serving_off_removes_the_server(kube, running) -> None:
     status = await kube.wait_phase("switch-off", "Succeeded")
     assert "endpoint" not in status and "servingModelPath" not in status
     assert kube.live("deployments", "switch-off") == [] and kube.live("services", "switch-off-server") == []
-    assert kube.live("jobs", "switch-off") == ["switch-off-train-1"]  # no retraining either
+    assert kube.live("jobsets", "switch-off") == ["switch-off-train-1"]  # no retraining either
 
 
 async def test_service_monitor_only_when_its_crd_exists(kube, running) -> None:
@@ -225,9 +235,9 @@ async def test_a_broken_edit_fails_without_touching_the_server_and_a_fix_restore
     await kube.edit("oops", resources={"nodes": 0})
     status = await kube.wait_phase("oops", "Failed")
     assert status["message"].startswith("invalid spec: spec.resources.nodes")
-    assert model_of(kube, "oops") == "/workspace/oops/run-1"  # the server keeps running
+    assert model_of(kube, "oops") == kube.trained.result("good").model_path  # the server keeps running
     await kube.edit("oops", resources={"nodes": 1})
     status = await kube.wait_phase("oops", "Serving")
     assert {c["type"]: c["status"] for c in status["conditions"]}["SpecValid"] == "True"
     assert not status["message"].startswith("invalid spec")
-    assert kube.live("jobs", "oops") == ["oops-train-1"]
+    assert kube.live("jobsets", "oops") == ["oops-train-1"]

@@ -52,8 +52,10 @@ contexts: [{{name: emulator, context: {{cluster: emulator, user: tester}}}}]
     try:
         await kube.eventually(lambda: _up(f"http://127.0.0.1:{health}/healthz"), timeout=60, what="/healthz")
         await kube.create("from-cli")
-        job = await kube.wait_job("from-cli")
-        assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/finetune:test"
+        jobset = await kube.wait_jobset("from-cli")
+        pod = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+        assert pod["containers"][0]["image"] == "registry.local/finetune:test"
+        await kube.add_pod("from-cli", 1, 0, "Running")
         await kube.wait_phase("from-cli", "Training")
         status, text = await get(f"http://127.0.0.1:{metrics}/metrics")
         assert status == 200 and 'finetune_operator_jobs{phase="Training"} 1.0' in text
@@ -63,10 +65,16 @@ contexts: [{{name: emulator, context: {{cluster: emulator, user: tester}}}}]
         output = (await asyncio.wait_for(proc.communicate(), 30))[0].decode()
     assert proc.returncode == 0, output[-3000:]
     # Both kopf's watches and our own calls used the kubeconfig's credentials.
-    creates = [r for r in list(kube.emulator._requests) if r.method == "POST" and "/jobs" in str(r.url)]
+    creates = [r for r in list(kube.emulator._requests) if r.method == "POST" and "/jobsets" in str(r.url)]
     watches = [r for r in list(kube.emulator._requests) if r.params.get("watch") == "true"]
     assert creates and watches
     assert {r.headers.get("Authorization") for r in creates + watches} == {"Bearer test-token"}
+    # Pods, JobSets and Deployments are watched with a server-side label selector: on a shared cluster
+    # the operator never streams other teams' pods.
+    selectors = {str(r.url.path).rsplit("/", 1)[-1]: r.params.get("labelSelector") for r in watches}
+    for plural, component in (("pods", "trainer"), ("jobsets", "trainer"), ("deployments", "server")):
+        assert selectors.get(plural) == (
+            f"app.kubernetes.io/managed-by=finetune-operator,app.kubernetes.io/component={component}"), selectors
 
 
 async def _up(url: str) -> bool:

@@ -1,7 +1,9 @@
 """A FineTuneJob's life, with kopf running for real against the emulator.
 
-The tests play the Job controller, the kubelet, Kueue and the Deployment controller by patching
-child status; the operator must turn that into phases, conditions, Events and child objects.
+The tests play the JobSet controller, the kubelet, Kueue and the Deployment controller by patching
+child status; the operator must turn that into phases, conditions, Events and child objects. The
+trainer's result is a real run's termination message (`trained`); the gang running for real, failing
+and restarting is in tests/integration/podbox.
 """
 
 from __future__ import annotations
@@ -11,35 +13,40 @@ import asyncio
 import pytest
 
 from finetune.operator import naming
+from finetune.status import Progress
+
+JOBSETS = "/apis/jobset.x-k8s.io/v1alpha2/namespaces/ml/jobsets"
 
 pytestmark = pytest.mark.timeout(120)
 
 
 async def test_happy_path_to_serving(kube, running) -> None:
     await kube.create("sst2")
-    job = await kube.wait_job("sst2")
+    jobset = await kube.wait_jobset("sst2")
     status = await kube.wait_phase("sst2", "Training")
-    assert status["trainer"] == {"jobName": "sst2-train-1", "run": 1, "active": 0, "succeeded": 0, "failed": 0}
-    assert status["startTime"] and status["observedGeneration"] == 1
-    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["suspend"] is False
-    assert kube.live("services", "sst2") == ["sst2-train-1"]
+    assert status["trainer"]["jobSetName"] == "sst2-train-1" and status["trainer"]["run"] == 1
+    assert status["trainer"]["restarts"] == 0 and status["trainer"]["restartBudget"] == 3
+    assert status["startTime"] and status["observedGeneration"] == 1 and status["reason"] == "Running"
+    assert jobset["spec"]["suspend"] is False
+    assert jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["completionMode"] == "Indexed"
+    assert kube.live("services", "sst2") == []  # the JobSet controller makes the gang's headless Service
     assert kube.live("configmaps", "sst2") == ["sst2-train-1"]
     assert kube.live("roles") == kube.live("rolebindings") == kube.live("serviceaccounts") == ["sst2-trainer"]
 
-    # The trainer reports progress itself (its Role allows exactly this patch).
-    progress = {"progress": "40/100", "training": {"step": 40, "totalSteps": 100, "epoch": 0.4, "loss": 0.41,
-                                                    "validationMetric": 0.87, "etaSeconds": 120.0}}
+    # The trainer reports progress itself (its Role allows exactly this patch), with the typed model.
+    progress = Progress(step=40, total_steps=100, epoch=0.4, loss=0.41, validation_metric=0.87, eta_seconds=120.0)
     await kube.api.merge_patch("/apis/finetune.dev/v1alpha1/namespaces/ml/finetunejobs/sst2/status",
-                               {"status": progress})
-    await kube.set_job_status("sst2-train-1", {"active": 1})
+                               {"status": {"progress": "40/100", "training": progress.model_dump(by_alias=True)}})
+    await kube.add_pod("sst2", 1, 0, "Running")
     await kube.eventually(lambda: _trainer_active(kube, "sst2", 1), what="active pod count")
     assert (await kube.status("sst2"))["progress"] == "40/100"  # the operator never clobbers it
 
-    model = await kube.finish_training("sst2", metrics={"f1": 0.9, "accuracy": 0.91})
+    model = await kube.finish_training("sst2")
     status = await kube.wait_phase("sst2", "Deploying")
-    assert status["modelPath"] == model
-    assert status["metrics"] == {"f1": 0.9, "accuracy": 0.91}
-    assert status["headlineMetric"] == "f1=0.9"
+    good = kube.trained.result("good")
+    assert status["modelPath"] == model == good.model_path
+    assert status["metrics"] == good.metrics and set(good.metrics) >= {"accuracy", "f1", "precision", "recall"}
+    assert status["headlineMetric"] == f"f1={good.metrics['f1']:.4g}"
     deployment = kube.stored("deployments", "sst2-server")
     assert deployment["spec"]["template"]["metadata"]["annotations"][naming.ANNOTATION_MODEL] == model
     assert kube.live("services", "sst2-server") == ["sst2-server"]
@@ -52,11 +59,11 @@ async def test_happy_path_to_serving(kube, running) -> None:
     assert status["endpoint"] == "http://sst2-server.ml.svc.cluster.local"
     assert status["completionTime"]
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
-    assert conditions == {"SpecValid": "True", "VolumeFound": "True", "Trained": "True", "Promoted": "True",
-                          "Ready": "True", "Serving": "True"}
+    assert conditions == {"SpecValid": "True", "VolumeFound": "True", "JobSetAvailable": "True", "Trained": "True",
+                          "Promoted": "True", "Ready": "True", "Serving": "True"}
     reasons = [reason for _, reason, _ in kube.events("sst2")]
     assert reasons == ["Training", "Evaluating", "Deploying", "Serving"]
-    for plural, name in [("jobs", "sst2-train-1"), ("deployments", "sst2-server"), ("roles", "sst2-trainer")]:
+    for plural, name in [("jobsets", "sst2-train-1"), ("deployments", "sst2-server"), ("roles", "sst2-trainer")]:
         owner = kube.stored(plural, name)["metadata"]["ownerReferences"][0]
         assert owner["uid"] == "uid-sst2" and owner["controller"] is True
 
@@ -67,49 +74,41 @@ async def _trainer_active(kube, name: str, count: int) -> bool:
 
 async def test_serving_disabled_ends_succeeded(kube, running) -> None:
     await kube.create("export-only", serving={"enabled": False})
-    await kube.wait_job("export-only")
-    await kube.finish_training("export-only")
+    await kube.wait_jobset("export-only")
+    model = await kube.finish_training("export-only")
     status = await kube.wait_phase("export-only", "Succeeded")
-    assert status["modelPath"] == "/workspace/export-only/run-1"
+    assert status["modelPath"] == model
     assert "endpoint" not in status
     assert kube.live("deployments") == []
 
 
 async def test_gate_rejection_leaves_serving_alone(kube, running) -> None:
-    await kube.create("weak", promotion={"minValue": 0.95})
-    await kube.wait_job("weak")
-    await kube.finish_training("weak", metrics={"f1": 0.9})
+    await kube.create("weak", promotion={"minValue": 0.8})
+    await kube.wait_jobset("weak")
+    await kube.finish_training("weak", which="weak")
     status = await kube.wait_phase("weak", "Rejected")
-    assert "f1=0.9 is below promotion.minValue 0.95" in status["message"]
+    f1 = kube.trained.result("weak").metrics["f1"]
+    assert f"f1={f1:.4g} is below promotion.minValue 0.8" in status["message"]
+    assert status["reason"] == "GateFailed"
     promoted = next(c for c in status["conditions"] if c["type"] == "Promoted")
     assert promoted["status"] == "False" and promoted["reason"] == "GateFailed"
     assert kube.live("deployments") == []
     assert ("Warning", "Rejected") in [(t, r) for t, r, _ in kube.events("weak")]
 
 
-async def test_trainer_failure_with_a_clear_message(kube, running) -> None:
-    await kube.create("bad-data")
-    await kube.wait_job("bad-data")
-    await kube.fail_pod("bad-data", 1, 0, 2, "SpecError: column 'label' not found in /workspace/data/train.tsv")
-    await kube.set_job_status("bad-data-train-1", {"active": 0, "failed": 1, "conditions": [
-        {"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
-         "message": "Container trainer for pod ml/bad-data-train-1-0 failed with exit code 2"}]})
-    status = await kube.wait_phase("bad-data", "Failed")
-    assert "exited with code 2" in status["message"]
-    assert "column 'label' not found" in status["message"]
-    assert "kubectl logs job/bad-data-train-1" in status["message"]
-    assert status["trainer"]["failed"] == 1
-    trained = next(c for c in status["conditions"] if c["type"] == "Trained")
-    assert trained["status"] == "False" and trained["reason"] == "PodFailurePolicy"
-
-
 async def test_backoff_exhausted(kube, running) -> None:
     await kube.create("flaky", scheduling={"backoffLimit": 1})
-    await kube.wait_job("flaky")
-    await kube.set_job_status("flaky-train-1", {"failed": 2, "conditions": [
-        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]})
+    await kube.wait_jobset("flaky")
+    await kube.add_pod("flaky", 1, 0, "Failed", code=137, message="step 12\nKilled", attempt=1,
+                       finished="2026-01-01T00:10:00Z")
+    await kube.set_jobset_status("flaky-train-1", {"restarts": 1, "restartsCountTowardsMax": 1, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "ReachedMaxRestarts",
+         "message": "jobset failed due to reaching max number of restarts (first failed job: flaky-train-1-node-0)"}]})
     status = await kube.wait_phase("flaky", "Failed")
-    assert "more than scheduling.backoffLimit (1) times" in status["message"]
+    assert status["reason"] == "BackoffLimitExceeded"
+    assert "failed 2 times; scheduling.backoffLimit allows 1 restart(s)" in status["message"]
+    assert "exited with code 137" in status["message"] and "kubectl logs flaky-train-1-node-0-0" in status["message"]
+    assert status["trainer"]["failures"][-1]["logTail"] == ["step 12", "Killed"]
 
 
 async def test_invalid_spec_fails_then_recovers_when_fixed(kube, running) -> None:
@@ -118,12 +117,12 @@ async def test_invalid_spec_fails_then_recovers_when_fixed(kube, running) -> Non
     assert "spec.resources.nodes" in status["message"]
     assert "SpecValid" in {c["type"] for c in status["conditions"] if c["status"] == "False"}
     await asyncio.sleep(0.5)
-    assert kube.live("jobs") == []  # never a crash loop, never a Job for a broken spec
+    assert kube.live("jobsets") == []  # never a crash loop, never a trainer for a broken spec
     await kube.edit("typo", resources={"nodes": 1})  # still outside the volume
     await kube.eventually(lambda: _message_has(kube, "typo", "spec.dataset.train.path"), what="path message")
     await kube.edit("typo", dataset={"train": {"path": "/workspace/data/train.tsv"}})
     await kube.wait_phase("typo", "Training")
-    assert kube.live("jobs") == ["typo-train-1"]
+    assert kube.live("jobsets") == ["typo-train-1"]
 
 
 async def _message_has(kube, name: str, text: str) -> bool:
@@ -135,52 +134,30 @@ async def test_missing_volume_waits_with_a_message(kube, running) -> None:
     await kube.create("no-pvc", storage={"claimName": "later"})
     status = await kube.wait_phase("no-pvc", "Pending")
     assert "PersistentVolumeClaim 'later' not found" in status["message"]
-    assert kube.live("jobs") == []
+    assert kube.live("jobsets") == []
     await kube.api.create({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
                            "metadata": {"name": "later", "namespace": "ml"}})
-    await kube.wait_phase("no-pvc", "Training", timeout=15)
+    await kube.wait_phase("no-pvc", "Training")
 
 
 async def test_kueue_queues_until_admitted(kube, running) -> None:
     await kube.create("queued", scheduling={"queueName": "team-a"})
-    job = await kube.wait_job("queued")
-    assert job["spec"]["suspend"] is True
-    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    jobset = await kube.wait_jobset("queued")
+    assert jobset["spec"]["suspend"] is True
+    assert jobset["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     status = await kube.wait_phase("queued", "Queued")
     assert "team-a" in status["message"]
-    # Kueue admits the workload: it unsuspends the Job, and the Job controller starts the pods.
-    await kube.api.merge_patch("/apis/batch/v1/namespaces/ml/jobs/queued-train-1", {"spec": {"suspend": False}})
-    await kube.set_job_status("queued-train-1", {"active": 1})
+    # Kueue admits the workload: it unsuspends the JobSet, and the JobSet controller starts the pods.
+    await kube.api.merge_patch(f"{JOBSETS}/queued-train-1", {"spec": {"suspend": False}})
+    await kube.add_pod("queued", 1, 0, "Running")
     status = await kube.wait_phase("queued", "Training")
     admitted = next(c for c in status["conditions"] if c["type"] == "Admitted")
     assert admitted["status"] == "True"
 
 
-async def test_disruption_resumes_the_same_run(kube, running) -> None:
-    await kube.create("preempted")
-    job = await kube.wait_job("preempted")
-    output = job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
-    await kube.set_job_status("preempted-train-1", {"active": 1})
-    await kube.wait_phase("preempted", "Training")
-    # The node is drained: the pod fails with DisruptionTarget; the podFailurePolicy ignores it, so the
-    # Job controller starts a replacement without counting a failure, and it resumes from checkpoints.
-    await kube.fail_pod("preempted", 1, 0, 143, "", [{"type": "DisruptionTarget", "status": "True",
-                                                       "reason": "PreemptionByScheduler"}])
-    await kube.set_job_status("preempted-train-1", {"active": 0})
-    await kube.set_job_status("preempted-train-1", {"active": 1})
-    await asyncio.sleep(0.5)
-    status = await kube.status("preempted")
-    assert status["phase"] == "Training" and status["trainer"]["run"] == 1
-    assert kube.live("jobs") == ["preempted-train-1"]
-    assert kube.stored("jobs", "preempted-train-1")["spec"]["template"]["spec"]["containers"][0]["command"][
-        -1] == output
-    await kube.finish_training("preempted")
-    await kube.wait_phase("preempted", "Deploying")
-
-
 async def test_a_stuck_rollout_is_reported(kube, running) -> None:
     await kube.create("stuck")
-    await kube.wait_job("stuck")
+    await kube.wait_jobset("stuck")
     await kube.finish_training("stuck")
     await kube.wait_phase("stuck", "Deploying")
     await kube.api.merge_patch("/apis/apps/v1/namespaces/ml/deployments/stuck-server/status", {"status": {
@@ -197,12 +174,12 @@ async def _message_has_text(kube, name: str, text: str) -> bool:
     return text in (await kube.status(name)).get("message", "")
 
 
-async def test_a_trainer_job_deleted_by_hand_fails_with_a_message(kube, running) -> None:
+async def test_a_trainer_jobset_deleted_by_hand_fails_with_a_message(kube, running) -> None:
     await kube.create("vanished")
-    await kube.wait_job("vanished")
+    await kube.wait_jobset("vanished")
     await kube.wait_phase("vanished", "Training")
-    await kube.api.delete("/apis/batch/v1/namespaces/ml/jobs/vanished-train-1")
+    await kube.api.delete(f"{JOBSETS}/vanished-train-1")
     status = await kube.wait_phase("vanished", "Failed")
     assert "vanished-train-1 disappeared before it finished" in status["message"]
     await asyncio.sleep(0.3)
-    assert kube.live("jobs", "vanished") == []  # not silently re-created behind the user's back
+    assert kube.live("jobsets", "vanished") == []  # not silently re-created behind the user's back

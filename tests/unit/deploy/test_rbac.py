@@ -2,9 +2,11 @@
 
 The real operator (kopf, `standalone` and cluster-wide as the chart runs it) drives FineTuneJobs through
 their life cycle against kmock's Kubernetes emulator, declared with `finetune.operator.testing.declare`
-as the operator's own integration tests do. The test plays the user, the Job controller, the kubelet and
-the Deployment controller. The operator's requests carry a bearer token the test side does not send, so
-kmock's request log separates the operator's calls from the test's. Then:
+as the operator's own integration tests do. The test plays the user, the JobSet controller, the kubelet,
+Kueue and the Deployment controller. The operator's requests carry a bearer token the test side does not send, so
+kmock's request log separates the operator's calls from the test's. (The trainer's termination
+message here is built with its typed model; what a real trainer writes is tested in tests/integration.)
+Then:
 - every call the operator made is allowed by the chart's ClusterRole;
 - every (group, resource, verb) the ClusterRole grants was used, or is listed in UNEXERCISED with the
   code path that needs it.
@@ -17,7 +19,6 @@ read (`system:discovery`), so the role does not grant it.
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import threading
 import time
@@ -35,7 +36,7 @@ CHART = ROOT / "charts" / "finetune-operator"
 TOKEN = "operator-under-rbac-test"
 NS = "ml"
 FTJS = f"/apis/finetune.dev/v1alpha1/namespaces/{NS}/finetunejobs"
-JOBS = f"/apis/batch/v1/namespaces/{NS}/jobs"
+JOBSETS = f"/apis/jobset.x-k8s.io/v1alpha2/namespaces/{NS}/jobsets"
 DEPLOYMENTS = f"/apis/apps/v1/namespaces/{NS}/deployments"
 Triple = tuple[str, str, str]  # (apiGroup, resource[/subresource], verb)
 
@@ -175,27 +176,44 @@ class Cluster:
         await self.eventually(f"{name} {phase} {model or ''}", check)
 
     async def trainer_ends(self, owner: str, run: int, code: int, metrics: dict[str, float] | None = None) -> str:
-        """Kubelet and Job controller: pod 0 terminates with `code` (and a result), the Job finishes."""
+        """Kubelet and JobSet controller: pod 0 terminates with `code` (and a result), the JobSet finishes."""
+        from finetune.contracts import TerminationMessage, TrainerResult
         from finetune.operator import naming
 
-        job = naming.trainer_name(owner, run)
-        await self.eventually(f"Job {job}", lambda: self.api.get(f"{JOBS}/{job}"))
+        name = naming.trainer_name(owner, run)
+        await self.eventually(f"JobSet {name}", lambda: self.api.get(f"{JOBSETS}/{name}"))
         model = f"/workspace/{owner}/run-{run}"
-        message = json.dumps({"modelPath": model, "metrics": metrics or {}, "headlineMetric": "f1"}) if not code \
-            else "SpecError: column 'label' not found"
+        result = TrainerResult(model_path=model, metrics=metrics or {}, headline_metric="f1") if not code else None
+        message = TerminationMessage(exit_code=code, permanent=code == 2, result=result,
+                                     message="" if not code else "column 'label' not found").encode()
         phase = "Failed" if code else "Succeeded"
         await self.api.create({"apiVersion": "v1", "kind": "Pod", "metadata": {
-            "name": f"{job}-0-{phase.lower()}", "namespace": NS,
+            "name": f"{name}-node-0-0-{phase.lower()}", "namespace": NS,
             "labels": {**naming.run_labels(owner, run), naming.COMPLETION_INDEX: "0"},
             "annotations": {naming.COMPLETION_INDEX: "0"}},
             "status": {"phase": phase, "containerStatuses": [
                 {"name": "trainer", "state": {"terminated": {"exitCode": code, "message": message}}}]}})
-        condition = {"type": "Failed", "status": "True", "reason": "PodFailurePolicy"} if code \
-            else {"type": "Complete", "status": "True"}
-        counts = {"failed": 1} if code else {"succeeded": 1}
-        await self.api.merge_patch(f"{JOBS}/{job}/status", {"status": {"active": 0, **counts,
-                                                                       "conditions": [condition]}})
+        condition = {"type": "Failed", "status": "True", "reason": "FailJobSetFailurePolicyAction"} if code \
+            else {"type": "Completed", "status": "True", "reason": "AllJobsCompleted"}
+        await self.api.merge_patch(f"{JOBSETS}/{name}/status", {"status": {"conditions": [condition]}})
         return model
+
+    async def admit(self, owner: str, run: int) -> None:
+        """Kueue: the Workload waits for quota, then Kueue unsuspends the JobSet."""
+        from finetune.operator import naming
+
+        name = naming.trainer_name(owner, run)
+        await self.eventually(f"JobSet {name}", lambda: self.api.get(f"{JOBSETS}/{name}"))
+        await self.api.create({"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload", "metadata": {
+            "name": f"jobset-{name}", "namespace": NS, "ownerReferences": [
+                {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "name": name, "uid": "u"}]},
+            "status": {"conditions": [{"type": "QuotaReserved", "status": "False", "message": "no quota"}]}})
+
+        async def says_why() -> bool:
+            return "no quota" in (await self.status(owner)).get("message", "")
+
+        await self.eventually("Kueue's message", says_why)
+        await self.api.merge_patch(f"{JOBSETS}/{name}", {"spec": {"suspend": False}})
 
     async def roll_out(self, owner: str) -> None:
         """Deployment controller: every replica updated and available."""
@@ -215,7 +233,9 @@ async def drive_life_cycles(cluster: Cluster) -> None:
     trainer, deletion: the paths on which the operator uses each kind of API call."""
     await cluster.create("served", serving={"replicas": 2, "maxReplicas": 4}, monitoring={"serviceMonitor": True})
     await cluster.create("broken")
+    await cluster.create("queued", scheduling={"queueName": "team-a"})
     await cluster.trainer_ends("broken", 1, code=2)
+    await cluster.admit("queued", 1)
     model = await cluster.trainer_ends("served", 1, code=0, metrics={"f1": 0.9})
     await cluster.phase("served", "Deploying")
     await cluster.roll_out("served")
@@ -247,7 +267,7 @@ async def test_chart_role_is_exactly_what_the_operator_uses(
     from finetune.operator import k8s
     from finetune.operator.testing import declare
 
-    declare(kmock, namespaces=(NS,))
+    declare(kmock, namespaces=(NS,), kueue=True)
     kmock.objects["v1/persistentvolumeclaims", NS, "data"] = {"metadata": {"name": "data", "namespace": NS}}
     kmock.resources["monitoring.coreos.com/v1/servicemonitors"] = kmock.ResourceInfo(
         kind="ServiceMonitor", singular="servicemonitor", namespaced=True,

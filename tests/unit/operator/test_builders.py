@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from finetune.operator import builders, naming
 from finetune.spec import FineTuneJob
+from tests.unit.operator.jobset_schema import validate_jobset
 
 K8S_VERSION = "1.31"
 UID = "0b7c-uid"
@@ -50,15 +52,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "monitoring": {"serviceMonitor": True},
         "image": "registry.example.com/finetune:dev",
     },
-    "long-name": {},
+    "long-name": {"resources": {"nodes": 1024}},
 }
 
 
 def all_objects(job: FineTuneJob) -> list[dict[str, Any]]:
     objs = [
         builders.build_spec_configmap(job, uid=UID, run=3),
-        builders.build_headless_service(job, uid=UID, run=3),
-        builders.build_trainer_job(job, uid=UID, run=3),
         *builders.build_trainer_rbac(job, uid=UID),
         builders.build_serving_deployment(job, uid=UID, model_path="/workspace/m/run-3"),
         builders.build_serving_service(job, uid=UID),
@@ -76,8 +76,11 @@ def variant(job_builder: Callable[..., FineTuneJob], name: str) -> FineTuneJob:
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_every_object_is_valid_kubernetes(job_builder: Callable[..., FineTuneJob], name: str) -> None:
     job = variant(job_builder, name)
-    for obj in all_objects(job):
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    jobset = builders.build_trainer_jobset(job, uid=UID, run=3)
+    validate_jobset(jobset)
+    for obj in [*all_objects(job), jobset]:
+        if obj is not jobset:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         meta = obj["metadata"]
         assert DNS_LABEL.match(meta["name"]) and len(meta["name"]) <= 63, meta["name"]
         assert meta["namespace"] == "ml"
@@ -86,79 +89,78 @@ def test_every_object_is_valid_kubernetes(job_builder: Callable[..., FineTuneJob
         assert meta["labels"][naming.LABEL_INSTANCE] == job.metadata.name
 
 
-def test_the_validator_rejects_a_broken_object(job_builder: Callable[..., FineTuneJob]) -> None:
-    trainer = builders.build_trainer_job(job_builder(), uid=UID, run=1)
-    trainer["spec"]["template"]["spec"]["containers"][0]["gpus"] = 1
-    with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(trainer, K8S_VERSION, strict=True)
+def test_the_validators_reject_a_broken_object(job_builder: Callable[..., FineTuneJob]) -> None:
+    trainer = builders.build_trainer_jobset(job_builder(), uid=UID, run=1)
+    broken = copy.deepcopy(trainer)
+    pod_spec(broken)["containers"][0]["gpus"] = 1
+    with pytest.raises((kubernetes_validate.ValidationError, AssertionError)):
+        validate_jobset(broken)
+    misplaced = copy.deepcopy(trainer)
+    misplaced["spec"]["failurePolicy"]["rules"][0]["onJobFailureMessagePattern"] = ["x"]
+    with pytest.raises(AssertionError, match="drop or change a field"):
+        validate_jobset(misplaced)
+    too_long = builders.build_trainer_jobset(job_builder(name="a" * 63, resources={"nodes": 1024}), uid=UID, run=1)
+    too_long["metadata"]["name"] += "xyz"
+    with pytest.raises(AssertionError, match="too long"):
+        validate_jobset(too_long)
 
 
-def launch_flags(cmd: list[str]) -> tuple[dict[str, str], set[str], list[str]]:
-    """`accelerate launch` flags with values, switches, and the module's own argv."""
-    assert cmd[:2] == ["accelerate", "launch"]
-    module_at = cmd.index("-m")
-    values: dict[str, str] = {}
-    switches: set[str] = set()
-    args = cmd[2:module_at]
-    i = 0
-    while i < len(args):
-        if i + 1 < len(args) and not args[i + 1].startswith("--"):
-            values[args[i]] = args[i + 1]
-            i += 2
-        else:
-            switches.add(args[i])
-            i += 1
-    return values, switches, cmd[module_at:]
+def job_template(jobset: dict[str, Any]) -> dict[str, Any]:
+    [replicated] = jobset["spec"]["replicatedJobs"]
+    return replicated["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def pod_spec(jobset: dict[str, Any]) -> dict[str, Any]:
+    return job_template(jobset)["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def flags(cmd: list[str]) -> dict[str, str]:
+    assert cmd[:2] == ["finetune", "train"]
+    return dict(zip(cmd[2::2], cmd[3::2], strict=True))
 
 
 @pytest.mark.parametrize(
-    ("resources", "machines", "processes", "switches"),
-    [
-        ({}, "1", "1", set()),
-        ({"gpusPerNode": 0}, "1", "1", {"--cpu"}),
-        ({"gpusPerNode": 4}, "1", "4", {"--multi_gpu"}),
-        ({"nodes": 3, "gpusPerNode": 8}, "3", "24", {"--multi_gpu"}),
-        ({"nodes": 2, "gpusPerNode": 0}, "2", "2", {"--cpu"}),
-        ({"nodes": 2, "gpusPerNode": 1}, "2", "2", {"--multi_gpu"}),
-    ],
+    ("resources", "nodes", "processes"),
+    [({}, "1", "1"), ({"gpusPerNode": 0}, "1", "1"), ({"gpusPerNode": 4}, "1", "4"),
+     ({"nodes": 3, "gpusPerNode": 8}, "3", "8"), ({"nodes": 2, "gpusPerNode": 0}, "2", "1")],
 )
-def test_accelerate_launch_command(
-    job_builder: Callable[..., FineTuneJob],
-    resources: dict[str, int],
-    machines: str,
-    processes: str,
-    switches: set[str],
+def test_every_pod_runs_finetune_train(
+    job_builder: Callable[..., FineTuneJob], resources: dict[str, int], nodes: str, processes: str
 ) -> None:
-    trainer = builders.build_trainer_job(job_builder(resources=resources), uid=UID, run=2)
-    values, found, module = launch_flags(trainer["spec"]["template"]["spec"]["containers"][0]["command"])
-    assert values == {
-        "--num_machines": machines,
-        "--machine_rank": "$(JOB_COMPLETION_INDEX)",
-        "--main_process_ip": "sst2-train-2-0.sst2-train-2",
-        "--main_process_port": "29500",
-        "--num_processes": processes,
+    trainer = builders.build_trainer_jobset(job_builder(resources=resources), uid=UID, run=2)
+    container = pod_spec(trainer)["containers"][0]
+    assert flags(container["command"]) == {
+        "-f": "/etc/finetune/job.yaml",
+        "--output": "/workspace/sst2/run-2",
+        "--nodes": nodes,
+        "--node-rank": "$(JOB_COMPLETION_INDEX)",
+        "--processes": processes,
+        "--rendezvous": "$(FINETUNE_RENDEZVOUS_HOST):$(FINETUNE_RENDEZVOUS_PORT)",
+        "--termination-log": "/dev/termination-log",
     }
-    assert found == switches
-    assert module == ["-m", "finetune.trainer.entry", "--job", "/etc/finetune/job.yaml", "--output",
-                      "/workspace/sst2/run-2"]
+    env = {e["name"]: e for e in container["env"]}
+    # JobSet names pod 0 `<jobset>-node-0-0` and serves `<hostname>.<subdomain>` through its Service.
+    assert env["FINETUNE_RENDEZVOUS_HOST"]["value"] == "sst2-train-2-node-0-0.sst2-train-2"
+    assert trainer["spec"]["network"]["subdomain"] == "sst2-train-2"
+    assert env["FINETUNE_RENDEZVOUS_PORT"]["value"] == "29500"
+    assert env["FINETUNE_CPUS"]["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
 
 
-def test_trainer_job_shape(job_builder: Callable[..., FineTuneJob]) -> None:
+def test_trainer_jobset_shape(job_builder: Callable[..., FineTuneJob]) -> None:
     job = job_builder(**VARIANTS["multi-node-lora"])
-    trainer = builders.build_trainer_job(job, uid=UID, run=1, image="img:1")
-    spec = trainer["spec"]
+    trainer = builders.build_trainer_jobset(job, uid=UID, run=1, image="img:1")
+    assert trainer["spec"]["suspend"] is False
+    assert trainer["spec"]["ttlSecondsAfterFinished"] == 3600
+    assert trainer["spec"]["network"]["publishNotReadyAddresses"] is True
+    [replicated] = trainer["spec"]["replicatedJobs"]
+    assert replicated["replicas"] == 1  # one Indexed Job: its pods are the gang, one per node
+    spec = job_template(trainer)
     assert spec["completionMode"] == "Indexed"
     assert spec["completions"] == spec["parallelism"] == 4
-    assert spec["suspend"] is False
-    assert spec["backoffLimit"] == 5
+    assert spec["backoffLimit"] == 0  # any pod failure fails the Job; the JobSet decides for the gang
     assert spec["activeDeadlineSeconds"] == 86400
-    assert spec["ttlSecondsAfterFinished"] == 3600
-    rules = spec["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
-    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
-    pod = spec["template"]["spec"]
+    pod = pod_spec(trainer)
     assert pod["restartPolicy"] == "Never"
-    assert pod["subdomain"] == "sst2-train-1"
     assert pod["serviceAccountName"] == "sst2-trainer"
     assert pod["priorityClassName"] == "training"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
@@ -180,33 +182,50 @@ def test_trainer_job_shape(job_builder: Callable[..., FineTuneJob]) -> None:
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
     assert volumes["job-spec"]["configMap"] == {"name": "sst2-train-1"}
     assert container["terminationMessagePath"] == "/dev/termination-log"
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     sc = container["securityContext"]
     assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
     assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert sc["runAsUser"] == 1000
 
 
-def test_kueue_job_starts_suspended_with_the_queue_label(job_builder: Callable[..., FineTuneJob]) -> None:
-    trainer = builders.build_trainer_job(job_builder(**VARIANTS["kueue"]), uid=UID, run=1)
+def test_failure_rules_tell_permanent_errors_from_disruptions(job_builder: Callable[..., FineTuneJob]) -> None:
+    """The Job's messages (Kubernetes' own formats) against the JobSet's rules, evaluated as JobSet does."""
+    trainer = builders.build_trainer_jobset(job_builder(scheduling={"backoffLimit": 5}), uid=UID, run=1)
+    policy = trainer["spec"]["failurePolicy"]
+    assert policy["maxRestarts"] == 5
+    pod_rules = job_template(trainer)["podFailurePolicy"]["rules"]
+    disruption = next(i for i, r in enumerate(pod_rules) if "onPodConditions" in r)
+    exit_two = next(i for i, r in enumerate(pod_rules) if r.get("onExitCodes", {}).get("values") == [2])
+    assert pod_rules[disruption]["action"] == pod_rules[exit_two]["action"] == "FailJob"
+    cases = {
+        ("PodFailurePolicy", f"Container trainer for pod ml/p-0 failed with exit code 2 matching FailJob rule at "
+                             f"index {exit_two}"): "FailJobSet",
+        ("PodFailurePolicy", f"Pod ml/p-1 has condition DisruptionTarget matching FailJob rule at index "
+                             f"{disruption}"): "RestartJobSetAndIgnoreMaxRestarts",
+        ("BackoffLimitExceeded", "Job has reached the specified backoff limit"): "RestartJobSet",
+        ("DeadlineExceeded", "Job was active longer than specified deadline"): "FailJobSet",
+    }
+    for (reason, message), action in cases.items():
+        matched = next(
+            (r["action"] for r in policy["rules"]
+             if reason in (r.get("onJobFailureReasons") or [reason])
+             and any(re.search(p, message) for p in r.get("onJobFailureMessagePatterns") or [".*"])),
+            "RestartJobSet",  # JobSet's default action: restart, counted against maxRestarts
+        )
+        assert matched == action, (reason, message)
+
+
+def test_kueue_jobset_starts_suspended_with_the_queue_label(job_builder: Callable[..., FineTuneJob]) -> None:
+    trainer = builders.build_trainer_jobset(job_builder(**VARIANTS["kueue"]), uid=UID, run=1)
     assert trainer["spec"]["suspend"] is True
     assert trainer["metadata"]["labels"][naming.KUEUE_QUEUE_LABEL] == "team-a"
 
 
 def test_spec_image_wins_over_the_operator_default(job_builder: Callable[..., FineTuneJob]) -> None:
     job = job_builder(image="mine:2")
-    assert builders.build_trainer_job(job, uid=UID, run=1, image="default:1")["spec"]["template"]["spec"][
-        "containers"
-    ][0]["image"] == "mine:2"
-
-
-def test_headless_service_selects_the_runs_pods(job_builder: Callable[..., FineTuneJob]) -> None:
-    job = job_builder()
-    svc = builders.build_headless_service(job, uid=UID, run=2)
-    pod_labels = builders.build_trainer_job(job, uid=UID, run=2)["spec"]["template"]["metadata"]["labels"]
-    assert svc["spec"]["clusterIP"] == "None"
-    assert svc["spec"]["publishNotReadyAddresses"] is True
-    assert svc["metadata"]["name"] == "sst2-train-2"
-    assert all(pod_labels[k] == v for k, v in svc["spec"]["selector"].items())
+    trainer = builders.build_trainer_jobset(job, uid=UID, run=1, image="default:1")
+    assert pod_spec(trainer)["containers"][0]["image"] == "mine:2"
 
 
 def test_spec_configmap_holds_the_whole_job(job_builder: Callable[..., FineTuneJob]) -> None:

@@ -1,75 +1,85 @@
-"""Reading the trainer Job, the rank-0 result and the Deployment rollout."""
+"""Reading the trainer JobSet, the node-0 result and the Deployment rollout."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 
+from finetune.contracts import TerminationMessage, TrainerResult
 from finetune.operator import naming, observe
 
 
-def job(spec: dict[str, Any] | None = None, **status: Any) -> dict[str, Any]:
-    return {"spec": {"completions": 2, **(spec or {})}, "status": status}
+def jobset(spec: dict[str, Any] | None = None, **status: Any) -> dict[str, Any]:
+    return {"spec": {"suspend": False, **(spec or {})}, "status": status}
+
+
+def cond(type_: str, status: str = "True", **more: str) -> dict[str, str]:
+    return {"type": type_, "status": status, **more}
 
 
 @pytest.mark.parametrize(
     ("obj", "phase"),
     [
-        (job({"suspend": True}), "queued"),
-        (job(active=2), "running"),
-        (job(active=1, succeeded=1), "running"),
-        (job(succeeded=2), "succeeded"),
-        (job(conditions=[{"type": "Complete", "status": "True"}]), "succeeded"),
-        (job(conditions=[{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]), "failed"),
-        (job(active=1, conditions=[{"type": "FailureTarget", "status": "True"}]), "failed"),
-        (job(conditions=[{"type": "Failed", "status": "False"}], active=1), "running"),
+        (jobset({"suspend": True}), "queued"),
+        (jobset(), "running"),
+        (jobset(restarts=1, conditions=[cond("RestartingJobSet")]), "running"),
+        (jobset(conditions=[cond("Completed", reason="AllJobsCompleted")]), "succeeded"),
+        (jobset(conditions=[cond("Failed", reason="FailJobSetFailurePolicyAction")]), "failed"),
+        (jobset(conditions=[cond("Failed", "False")]), "running"),
     ],
 )
 def test_trainer_state(obj: dict[str, Any], phase: str) -> None:
     assert observe.trainer_state(obj).phase == phase
 
 
-def pod(index: str, phase: str, message: str | None = None, code: int = 0) -> dict[str, Any]:
+def test_restart_counts() -> None:
+    state = observe.trainer_state(jobset(restarts=3, restartsCountTowardsMax=1))
+    assert (state.restarts, state.restarts_counted) == (3, 1)
+
+
+def pod(index: str, phase: str, message: str | None = None, code: int = 0, attempt: int = 0) -> dict[str, Any]:
     terminated = {"exitCode": code, **({"message": message} if message is not None else {})}
     return {
-        "metadata": {"name": f"p-{index}-{phase}", "annotations": {naming.COMPLETION_INDEX: index}},
+        "metadata": {"name": f"p-{index}-{phase}-{attempt}", "annotations": {naming.COMPLETION_INDEX: index},
+                     "labels": {naming.JOBSET_RESTART_LABEL: str(attempt)}},
         "status": {"phase": phase, "containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}]},
     }
 
 
-def test_result_of_rank_zero() -> None:
-    metrics = {"f1": 0.9, "n": "x", "nan": float("nan")}
-    message = json.dumps({"modelPath": "/workspace/a/run-1", "metrics": metrics, "headlineMetric": "f1"})
-    result = observe.trainer_result([pod("1", "Succeeded", "{}"), pod("0", "Succeeded", message)])
-    assert isinstance(result, observe.TrainerResult)
-    assert result.model_path == "/workspace/a/run-1"
+def done(result: TrainerResult | None, node_rank: int = 0) -> str:
+    return TerminationMessage(exit_code=0, node_rank=node_rank, result=result).encode()
+
+
+RESULT = TrainerResult(model_path="/workspace/a/run-1", metrics={"f1": 0.9}, headline_metric="f1", world_size=2)
+
+
+def test_result_of_node_zero_of_the_last_attempt() -> None:
+    older = RESULT.model_copy(update={"model_path": "/old"})
+    pods = [pod("1", "Succeeded", done(None, 1)), pod("0", "Succeeded", done(older)),
+            pod("0", "Succeeded", done(RESULT), attempt=1)]
+    assert observe.trainer_result(pods) == RESULT
+
+
+def test_metrics_keep_finite_numbers_only() -> None:
+    result = TrainerResult.model_validate({"modelPath": "/m", "metrics": {"f1": 0.9, "n": "x", "nan": float("nan"),
+                                                                          "flag": True}})
     assert result.metrics == {"f1": 0.9}
-    assert result.headline_metric == "f1"
 
 
 @pytest.mark.parametrize(
     ("pods", "fragment"),
     [
         ([], "gone"),
-        ([pod("0", "Succeeded", "")], "without a JSON result"),
+        ([pod("0", "Succeeded", "")], "without a result"),
         ([pod("0", "Succeeded", "Traceback: boom")], "Traceback: boom"),
-        ([pod("1", "Succeeded", '{"modelPath": "/x"}')], "gone"),
+        ([pod("0", "Succeeded", done(None))], "without a result"),
+        ([pod("1", "Succeeded", done(RESULT))], "gone"),
     ],
 )
 def test_missing_result_is_explained(pods: list[dict[str, Any]], fragment: str) -> None:
     result = observe.trainer_result(pods)
     assert isinstance(result, str) and fragment in result
-
-
-def test_failure_message_names_the_cause_and_the_pod() -> None:
-    state = observe.TrainerState("failed", failed=1, reason="PodFailurePolicy", message="exit code 2")
-    text = observe.failure_message(state, [pod("0", "Failed", "column 'label' not found", 2)], 3, "j-train-1")
-    assert "exited with code 2" in text and "spec or the data is wrong" in text
-    assert "column 'label' not found" in text and "kubectl logs job/j-train-1" in text
-    state = observe.TrainerState("failed", failed=4, reason="BackoffLimitExceeded")
-    assert "backoffLimit (3)" in observe.failure_message(state, [], 3, "j")
 
 
 @pytest.mark.parametrize(

@@ -17,12 +17,13 @@ def test_transition_time_moves_only_on_a_status_change() -> None:
 
 
 def test_status_patch_sends_set_fields_and_nulls() -> None:
-    patch = phases.status_patch(phase="Training", training=None, trainer=Trainer(job_name="j", run=2))
+    patch = phases.status_patch(phase="Training", training=None, trainer=Trainer(job_set_name="j", run=2))
     assert patch == {
         "status": {
             "phase": "Training",
             "training": None,
-            "trainer": {"jobName": "j", "run": 2, "active": 0, "succeeded": 0, "failed": 0},
+            "trainer": {"jobSetName": "j", "run": 2, "active": 0, "succeeded": 0, "failed": 0, "restarts": 0,
+                        "restartsCounted": 0, "restartBudget": 0, "failures": []},
         }
     }
 
