@@ -232,6 +232,15 @@ class Kube:
                 found.append((key, obj["type"], obj["reason"], obj["message"]))
         return [item[1:] for item in sorted(found)]
 
+    async def wait_events(self, name: str, check: Callable[[list[tuple[str, str, str]]], bool],
+                          what: str) -> list[tuple[str, str, str]]:
+        """The Events of `name` once `check` holds for them: an Event is posted after the status write."""
+        async def events() -> list[tuple[str, str, str]] | None:
+            found = self.events(name)
+            return found if check(found) else None
+
+        return await eventually(events, what=what)  # type: ignore[no-any-return]
+
     def live(self, plural: str, prefix: str = "") -> list[str]:
         """Names of live objects of one resource (by plural) in the emulator's store."""
         return sorted(

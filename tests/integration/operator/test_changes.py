@@ -129,6 +129,7 @@ async def test_restart_mid_reconcile_creates_no_duplicates(kube) -> None:
         await kube.wait_phase("restart", "Deploying")
         await kube.roll_out("restart")
         status = await kube.wait_phase("restart", "Serving")
+        await kube.wait_events("restart", lambda found: "Serving" in [r for _, r, _ in found], "the Serving Event")
     assert kube.live("jobsets", "restart") == ["restart-train-1"]
     assert kube.live("deployments", "restart") == ["restart-server"]
     assert status["metrics"] == kube.trained.result("good").metrics

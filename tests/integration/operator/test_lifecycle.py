@@ -61,8 +61,8 @@ async def test_happy_path_to_serving(kube, running) -> None:
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
     assert conditions == {"SpecValid": "True", "VolumeFound": "True", "JobSetAvailable": "True", "Trained": "True",
                           "Promoted": "True", "Ready": "True", "Serving": "True"}
-    reasons = [reason for _, reason, _ in kube.events("sst2")]
-    assert reasons == ["Training", "Evaluating", "Deploying", "Serving"]
+    events = await kube.wait_events("sst2", lambda found: found and found[-1][1] == "Serving", "the Serving Event")
+    assert [reason for _, reason, _ in events] == ["Training", "Evaluating", "Deploying", "Serving"]
     for plural, name in [("jobsets", "sst2-train-1"), ("deployments", "sst2-server"), ("roles", "sst2-trainer")]:
         owner = kube.stored(plural, name)["metadata"]["ownerReferences"][0]
         assert owner["uid"] == "uid-sst2" and owner["controller"] is True
@@ -93,7 +93,8 @@ async def test_gate_rejection_leaves_serving_alone(kube, running) -> None:
     promoted = next(c for c in status["conditions"] if c["type"] == "Promoted")
     assert promoted["status"] == "False" and promoted["reason"] == "GateFailed"
     assert kube.live("deployments") == []
-    assert ("Warning", "Rejected") in [(t, r) for t, r, _ in kube.events("weak")]
+    await kube.wait_events("weak", lambda found: ("Warning", "Rejected") in [(t, r) for t, r, _ in found],
+                           "a Warning Event Rejected")
 
 
 async def test_backoff_exhausted(kube, running) -> None:
