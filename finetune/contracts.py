@@ -7,7 +7,9 @@
 
 Exit codes of `finetune train` (and so of a trainer container): 0 done; 2 the spec or the data is
 wrong (permanent: a retry cannot help); 75 a transient outside failure (model hub or network down);
-anything else is retryable too (a crash, a kill, out of memory).
+76 this node only lost a peer (another rank or node died first: the cause is elsewhere; it waits
+before exiting so the cause's pod fails its Job first); anything else is retryable too (a crash, a
+kill, out of memory).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
@@ -24,6 +26,7 @@ from finetune.spec import Model
 EXIT_OK = 0
 EXIT_PERMANENT = 2
 EXIT_TRANSIENT = 75  # sysexits.h EX_TEMPFAIL
+EXIT_PEER_LOST = 76
 # The kubelet keeps at most 4096 bytes of a termination message.
 TERMINATION_MESSAGE_LIMIT = 4096
 LOG_TAIL_LINES = 20
@@ -84,11 +87,14 @@ class RankOutcome(Model):
 
 
 class FirstFailure(Model):
-    """What torch's elastic launcher saw fail first on one node (a rank killed before it could say why)."""
+    """What torch's elastic launcher saw go wrong first on one node: a rank that failed (perhaps killed
+    before it could say why), the launcher itself stopped by a signal, or no rendezvous with node 0."""
 
-    rank: int = Field(..., ge=0, description="Global rank of the first failed process.")
-    exit_code: int = Field(..., description="Its exit code; negative for a signal.")
-    signal: str | None = Field(None, description="The signal that ended it (SIGKILL, ...), if one did.")
+    kind: Literal["rank", "signal", "rendezvous"] = Field("rank", description="What went wrong.")
+    rank: int | None = Field(None, ge=0, description="Global rank of the first failed process (kind rank).")
+    exit_code: int = Field(1, description="Its exit code; negative for a signal.")
+    signal: str | None = Field(None, description="The signal that ended it (SIGKILL, SIGTERM, ...), if one did.")
+    message: str = Field("", description="One line, for kind signal and rendezvous.")
 
     FILE: ClassVar[str] = "first-failure.json"
 
@@ -115,8 +121,16 @@ class TerminationMessage(Model):
                 doc.log_tail = doc.log_tail[1:]
             elif len(doc.message) > 200:
                 doc.message = doc.message[: len(doc.message) // 2] + "…"
+            elif doc.result is not None and doc.result.metrics:
+                # Keep the message valid JSON: drop metrics (by longest name first) before anything else.
+                longest = max(doc.result.metrics, key=len)
+                doc.result = doc.result.model_copy(
+                    update={"metrics": {k: v for k, v in doc.result.metrics.items() if k != longest}}
+                )
             else:
-                return text[:limit]  # only an absurd result document gets here
+                return TerminationMessage(exit_code=doc.exit_code, permanent=doc.permanent,
+                                          message="termination message too large", node_rank=doc.node_rank
+                                          ).model_dump_json(by_alias=True)
 
     @classmethod
     def decode(cls, text: str | None) -> TerminationMessage | None:

@@ -227,6 +227,10 @@ class Scheduling(Model):
     backoff_limit: int = Field(
         3, ge=0, description="Gang restarts after real failures; disruptions do not count, exit code 2 never restarts."
     )
+    max_disruptions: int = Field(
+        10, ge=0, description="Gang restarts after disruptions (preemption, eviction) before the run fails: they do "
+        "not use backoffLimit, and a trainer evicted again and again must not hold its GPUs forever.",
+    )
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the finished trainer JobSet.")
 
 
@@ -365,7 +369,9 @@ def load_job(path: str | Path) -> FineTuneJob:
     """Read a FineTuneJob YAML file; relative data and model paths resolve against the file's folder."""
     file = Path(path)
     try:
-        data = yaml.safe_load(file.read_text())
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise SpecError(f"job file {file} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except OSError as err:
         raise SpecError(f"cannot read job file {file}: {err.strerror}") from None
     except yaml.YAMLError as err:

@@ -290,6 +290,16 @@ def _jobset_failure_policy(scheduling: api.Scheduling) -> JSON:
     }
 
 
+def failure_rules_kept(stored: JSON) -> bool:
+    """Whether the API server kept the failure rules' message patterns. JobSet before v0.10 has no
+    `onJobFailureMessagePatterns` in its schema and prunes it, and then the permanent-error rule matches
+    every pod-failure-policy failure: each preemption would fail the run."""
+    rules = ((stored.get("spec") or {}).get("failurePolicy") or {}).get("rules") or []
+    by_name = {r.get("name"): r for r in rules}
+    wanted = (RULE_PERMANENT, RULE_DISRUPTION)
+    return all((by_name.get(name) or {}).get("onJobFailureMessagePatterns") for name in wanted)
+
+
 def build_trainer_jobset(job: api.FineTuneJob, *, uid: str, run: int, image: str = DEFAULT_IMAGE) -> JSON:
     """The trainer: a JobSet whose one replicated Job is Indexed, one pod per node, run as a gang.
 

@@ -2,8 +2,9 @@
 
 - `pod_failure`: one failed trainer pod as a `PodFailure` (exit code, the trainer's own one-line error
   from its termination message, the last log lines, whether it was a disruption).
-- `merge_failures`: the *first* failed pod of each gang attempt, by the time it ended: the root cause,
-  not the ranks that died after it waiting for a peer that was gone.
+- `merge_failures`: the cause among the failed pods of each gang attempt: a permanent error first, then
+  the first real failure by the time it ended, and only then the ranks that merely lost their peer
+  (exit 76) or were stopped by a deletion (a gang restart, a Kueue suspension): those are victims.
 - `pod_problem`: why a gang that should be running is not (unschedulable, image pull, bad config).
 - `kueue_message`: what Kueue says about a Workload it has not admitted.
 - `failed_message` / `restart_note`: the FineTuneJob's message for a failed run and after a restart.
@@ -14,13 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from finetune.contracts import EXIT_PERMANENT, TerminationMessage, one_line
+from finetune.contracts import EXIT_PEER_LOST, EXIT_PERMANENT, TerminationMessage, one_line
 from finetune.operator import builders, observe
 from finetune.status import PodFailure
 
 JSON = dict[str, Any]
 KEPT_FAILURES = 10
-LOG_LINES = 20
+# Enough to see why, little enough that the status stays small: the full log is `kubectl logs <pod>`.
+LOG_LINES = 10
+LOG_LINE_CHARS = 200
+# Reasons of pods that failed because of another pod (the cause is elsewhere).
+VICTIM_REASONS = frozenset({"PeerLost", "StoppedByDeletion"})
+SIGTERM_EXIT = 143
 # Container waiting reasons that never resolve by waiting longer.
 WAITING_PROBLEMS = {
     "ErrImagePull": "ImagePullBackOff",
@@ -74,14 +80,23 @@ def pod_failure(pod: JSON) -> PodFailure | None:
         message, tail = typed.message, typed.log_tail[-LOG_LINES:]
     else:  # no message of the trainer's: the kubelet's fallback is the pod's last log lines
         message, tail = "", [line for line in text.splitlines() if line.strip()][-LOG_LINES:]
+    status = pod.get("status") or {}
+    deleted = bool((pod.get("metadata") or {}).get("deletionTimestamp"))
     if disrupted:
         assert disruption is not None
         reason = str(disruption.get("reason") or DISRUPTION)
         message = one_line(f"{reason}: {disruption.get('message') or 'the pod was disrupted'}")
     elif code == EXIT_PERMANENT or (typed is not None and typed.permanent):
         reason = "PermanentError"
+    elif code == EXIT_PEER_LOST:
+        reason = "PeerLost"
+    elif deleted and code in (SIGTERM_EXIT, None):
+        reason = "StoppedByDeletion"
+    elif not state and status.get("reason"):  # never started: the kubelet rejected it (admission, eviction)
+        reason = str(status["reason"])
+        message = message or one_line(str(status.get("message") or reason))
     else:
-        reason = str(state.get("reason") or (pod.get("status") or {}).get("reason") or "Error")
+        reason = str(state.get("reason") or status.get("reason") or "Error")
     if not message:
         message = f"exited with code {code}" + (f" ({reason})" if reason not in ("Error", "") else "")
     finished = state.get("finishedAt") or (disruption or {}).get("lastTransitionTime")
@@ -92,28 +107,28 @@ def pod_failure(pod: JSON) -> PodFailure | None:
         exit_code=int(code) if code is not None else None,
         reason=reason,
         message=one_line(message),
-        log_tail=[one_line(line, 300) for line in tail],
+        log_tail=[one_line(line, LOG_LINE_CHARS) for line in tail],
         finished_at=str(finished) if finished else None,
         counts_against_budget=not disrupted,
     )
 
 
-def _earlier(a: PodFailure, b: PodFailure) -> bool:
-    """Whether `a` ended before `b`; RFC 3339 UTC strings of one format sort as times."""
-    if a.finished_at and b.finished_at:
-        return a.finished_at < b.finished_at
-    return a.finished_at is not None and b.finished_at is None
+def cause_order(failure: PodFailure) -> tuple[int, str]:
+    """Sorts the likeliest cause first: a permanent error, a real failure, then the victims; by end time
+    within each (RFC 3339 UTC strings of one format sort as times; a missing time sorts last)."""
+    rank = 0 if failure.reason == "PermanentError" else 2 if failure.reason in VICTIM_REASONS else 1
+    return rank, failure.finished_at or "~"
 
 
 def merge_failures(known: list[PodFailure], pods: list[JSON]) -> list[PodFailure]:
-    """The first failure of each attempt, from what was recorded before and what the pods show now."""
+    """The cause of each attempt's failure, from what was recorded before and what the pods show now."""
     first = {f.attempt: f for f in known}
     for pod in pods:
         failure = pod_failure(pod)
         if failure is None:
             continue
         have = first.get(failure.attempt)
-        if have is None or _earlier(failure, have) or (have.pod == failure.pod and have != failure):
+        if have is None or cause_order(failure) < cause_order(have) or (have.pod == failure.pod and have != failure):
             first[failure.attempt] = failure
     return [first[a] for a in sorted(first)][-KEPT_FAILURES:]
 
@@ -202,6 +217,14 @@ def failed_message(
     cause = f": {describe(last)}" if last is not None else ""
     detail = f" ({state.reason}: {state.message})" if state.reason else ""
     return "TrainerFailed", f"the trainer JobSet {jobset} failed{detail}{cause}{where}"
+
+
+def jobset_too_old_message() -> str:
+    return (
+        f"the installed JobSet is older than {builders.JOBSET_MIN_VERSION}: its API dropped the failure "
+        "rules' onJobFailureMessagePatterns, without which every preemption would fail the run. "
+        f"Upgrade it: {builders.JOBSET_INSTALL}"
+    )
 
 
 def jobset_missing_message() -> str:

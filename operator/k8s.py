@@ -51,6 +51,12 @@ class ApiError(Exception):
         self.status = status
         self.body = body
 
+    def body_message(self) -> str:
+        """The API server's own message (a webhook's reason, a validation error)."""
+        if isinstance(self.body, dict) and self.body.get("message"):
+            return str(self.body["message"])
+        return str(self.body)[:300]
+
 
 @dataclass(frozen=True)
 class Cluster:
@@ -194,11 +200,16 @@ class Api:
         items = (data or {}).get("items") or []
         return [i for i in items if not labels or has_labels(i, labels)]
 
-    async def create(self, obj: JSON) -> JSON:
-        """Create `obj`, or read back the existing one with the same name (idempotent)."""
+    async def create(self, obj: JSON, *, dry_run: bool = False) -> JSON:
+        """Create `obj`, or read back the existing one with the same name (idempotent).
+
+        `dry_run`: the API server validates, defaults and prunes `obj` and answers with what it would
+        store, storing nothing (what a CRD's older schema drops shows there).
+        """
         meta = obj["metadata"]
         path = collection_path(obj["apiVersion"], PLURALS[obj["kind"]], meta.get("namespace"))
-        status, data = await self.request("POST", path, body=obj)
+        params = {"dryRun": "All"} if dry_run else None
+        status, data = await self.request("POST", path, body=obj, params=params)
         if status == 409:
             existing = await self.get(object_path(obj))
             if existing is not None:

@@ -177,6 +177,32 @@ class _Step:
         missing = await self.missing_prerequisite(job)
         if missing is not None:
             return missing
+        jobset = builders.build_trainer_jobset(job, uid=self.uid, run=run, image=self.r.config.image)
+        try:
+            probe = await self.api.create(jobset, dry_run=True)
+        except k8s.ApiError as err:
+            if err.status not in (400, 422):
+                raise
+            # Refused for what the spec says (JobSet's webhook, a policy engine): a retry would meet the
+            # same answer, so say it once; the next edit of the spec tries again.
+            message = f"the API server refused the trainer JobSet: {err.body_message()}; change the spec"
+            await self.write(
+                phase="Failed",
+                reason="TrainerRefused",
+                message=message,
+                conditions=self.conditions(phases.TRAINED, "False", "TrainerRefused", message),
+                completion_time=phases.now(),
+            )
+            return None
+        if not builders.failure_rules_kept(probe):
+            message = diagnosis.jobset_too_old_message()
+            await self.write(
+                phase="Pending",
+                reason="JobSetTooOld",
+                message=message,
+                conditions=self.conditions(phases.JOBSET_AVAILABLE, "False", "JobSetTooOld", message),
+            )
+            return Wait(self.r.config.retry_delay, message)
         conditions = self.conditions("VolumeFound", "True", "ClaimFound")
         conditions = phases.with_condition(
             conditions, phases.JOBSET_AVAILABLE, "True", "JobSetServed", "", self.generation
@@ -184,9 +210,7 @@ class _Step:
         for obj in builders.build_trainer_rbac(job, uid=self.uid):
             await self.api.create(obj)
         await self.api.create(builders.build_spec_configmap(job, uid=self.uid, run=run))
-        trainer = await self.api.create(
-            builders.build_trainer_jobset(job, uid=self.uid, run=run, image=self.r.config.image)
-        )
+        trainer = await self.api.create(jobset)
         for type_ in (phases.TRAINED, phases.PROMOTED):
             conditions = phases.with_condition(conditions, type_, "Unknown", "NewRun", f"run {run}", self.generation)
         # One status write records the new run and forgets the previous run's results; it happens only
@@ -253,7 +277,8 @@ class _Step:
         queue = job.spec.scheduling.queue_name
         fields: dict[str, Any] = {"trainer": trainer, "conditions": conditions}
         if state.phase == "queued":
-            message = f"waiting for Kueue to admit the trainer (LocalQueue {queue!r})"
+            # Without a queue name, Kueue (manageJobsWithoutQueueName) or someone else suspended it.
+            message = "waiting for Kueue to admit the trainer" + (f" (LocalQueue {queue!r})" if queue else "")
             message += f": {kueue}" if kueue else ""
             fields.update(phase="Queued", reason="Queued", message=message)
             fields["conditions"] = phases.with_condition(
@@ -327,6 +352,18 @@ class _Step:
             return False
         state = observe.trainer_state(jobset)
         pods = await self.trainer_pods(run, self.seen_pods)
+        disruptions = state.restarts - state.restarts_counted
+        if state.phase == "running" and disruptions > job.spec.scheduling.max_disruptions:
+            # JobSet never stops restarting after disruptions; past the limit the run stops here.
+            await self.api.delete(self.trainer_path(builders.JOBSET_API_VERSION, "jobsets", run))
+            message = (
+                f"the trainer was disrupted {disruptions} times (preemption, eviction, drain), more than "
+                f"scheduling.maxDisruptions ({job.spec.scheduling.max_disruptions}) allows; the run is stopped so "
+                "that it does not hold its nodes forever. Find out why its pods are evicted (memory limits, node "
+                "pressure, priorities) and apply again"
+            )
+            await self.fail_training(self.trainer_record(job, state, run, pods), "DisruptionLimitExceeded", message)
+            return False
         if state.phase in ("queued", "running"):
             kueue = await self.kueue_message(jobset["metadata"]["name"]) if state.phase == "queued" else None
             await self.note_restart(job, state, run, pods)

@@ -6,6 +6,8 @@ the test extra (`kmock`). Two things make kmock usable for hundreds of FineTuneJ
 - kmock matches every request against its whole request history, and finds objects by scanning every
   stored object; both grow with the test, so a few hundred jobs take minutes. `FastEmulator` matches
   a request against itself only and looks named objects up by key.
+- kmock stores a create with `dryRun=All`; `FastEmulator` answers it without storing, as a real API
+  server does.
 - kopf cancels every task created in its event loop after it started (it cannot tell whose they are),
   including the test's own; `running_operator` therefore gives kopf a loop of its own in a thread,
   while the emulator keeps serving from the caller's loop.
@@ -59,9 +61,24 @@ class FastEmulator(kmock.KubernetesEmulator):
     async def _handle(self, request: Any) -> Any:
         _CURRENT.set(request)  # each request runs in its own task, so this is per request
         if request.method == "POST" and request.resource is not None and isinstance(request.data, dict):
+            if request.params.get("dryRun") == "All":
+                return self._dry_run_create(request)
             name = (request.data.get("metadata") or {}).get("name", "")
             self.arrivals.setdefault((request.resource.plural, name), time.perf_counter())
         return await super()._handle(request)
+
+    def _dry_run_create(self, request: Any) -> Any:
+        """A dry-run create as the API server answers it: the object as it would be stored (this emulator
+        prunes nothing), or 409 when it exists; nothing is stored (kmock itself would store it)."""
+        from aiohttp import web
+
+        meta = request.data.get("metadata") or {}
+        key = (request.resource, request.namespace or meta.get("namespace"), meta.get("name"))
+        existing = self._objects._objects.get(key)
+        if existing is not None and not existing.deleted:
+            return web.json_response({"kind": "Status", "status": "Failure", "reason": "AlreadyExists",
+                                      "code": 409, "message": f"{meta.get('name')} already exists"}, status=409)
+        return web.json_response(request.data, status=201)
 
     # Replaces KubernetesEmulator.__get_objs (name-mangled): a dict lookup for named requests.
     def _KubernetesEmulator__get_objs(self, request: Any, strict: bool) -> list[Any]:

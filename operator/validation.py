@@ -34,6 +34,12 @@ def cluster_problems(job: FineTuneJob) -> list[str]:
     spec = job.spec
     claim = spec.storage.claim_name
     problems: list[str] = []
+    name = job.metadata.name
+    if not name[:1].isalpha():
+        problems.append(
+            f"metadata.name: {name!r} must start with a letter: it names the trainer JobSet and the server's "
+            f"Service, which Kubernetes requires to be DNS-1035 labels; rename it, e.g. 'm-{name}'"
+        )
     if not claim:
         problems.append(
             "spec.storage.claimName: name the PersistentVolumeClaim that holds the data and receives the "

@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from finetune.contracts import (
+    EXIT_PEER_LOST,
     EXIT_PERMANENT,
+    EXIT_TRANSIENT,
     LOG_TAIL_LINES,
     FirstFailure,
     RankOutcome,
@@ -155,24 +157,33 @@ def describe_exit(code: int) -> str:
 
 def decide(outcomes: list[RankOutcome], first: FirstFailure | None, child_code: int, world: World,
            tail: list[str]) -> TerminationMessage:
-    """One exit code and message for the pod from every rank's outcome, what torch's launcher saw fail
-    first, and the launcher's exit code. A permanent error wins (no retry can help, whoever saw it);
-    then the rank that failed first, whose error is the cause (the others lost their peer)."""
+    """One exit code and message for the pod from every rank's outcome, what torch's launcher saw go
+    wrong first, and its exit code. A permanent error wins (no retry can help, whoever saw it); then a
+    stop by a signal, no rendezvous, and the rank that failed first, whose error is the cause; a rank
+    that only lost its peer comes last (exit 76)."""
     mine = {o.rank: o for o in outcomes if o.rank in world.ranks()}
     base = {"node_rank": world.node_rank, "log_tail": tail}
-    permanent = [o for o in mine.values() if o.permanent]
+    permanent = sorted((o for o in mine.values() if o.permanent), key=lambda o: o.rank)
     if permanent:
-        cause = min(permanent, key=lambda o: o.rank)
-        return TerminationMessage(exit_code=EXIT_PERMANENT, permanent=True, message=cause.message,
-                                  failed_rank=cause.rank, **base)
-    if first is not None and first.rank not in mine:
+        return TerminationMessage(exit_code=EXIT_PERMANENT, permanent=True, message=permanent[0].message,
+                                  failed_rank=permanent[0].rank, **base)
+    if first is not None and first.kind == "signal":
+        return TerminationMessage(exit_code=128 - first.exit_code if first.exit_code < 0 else 143, **base,
+                                  message=f"{first.message} before training finished (the pod was deleted or "
+                                  "evicted, or its node is shutting down); a restart resumes from the last checkpoint")
+    if first is not None and first.kind == "rendezvous":
+        host, port = world.rendezvous or ("?", 0)
+        return TerminationMessage(exit_code=EXIT_TRANSIENT, **base,
+                                  message=f"could not meet the other nodes at {host}:{port}: {first.message}")
+    if first is not None and first.rank is not None and first.rank not in mine:
         how = f"killed by {first.signal}" if first.signal else describe_exit(first.exit_code)
         hint = " (out of memory, or killed)" if first.signal == "SIGKILL" else ""
         return TerminationMessage(exit_code=1, message=f"training process (rank {first.rank}) ended without a "
                                   f"result: {how}{hint}", failed_rank=first.rank, **base)
-    failed = sorted((o for o in mine.values() if o.exit_code != 0), key=lambda o: o.rank)
+    failed = sorted((o for o in mine.values() if o.exit_code != 0),
+                    key=lambda o: (o.exit_code == EXIT_PEER_LOST, first is None or o.rank != first.rank, o.rank))
     if failed:
-        cause = next((o for o in failed if first is not None and o.rank == first.rank), failed[0])
+        cause = failed[0]
         return TerminationMessage(exit_code=cause.exit_code, message=cause.message, failed_rank=cause.rank, **base)
     if child_code != 0:
         missing = [r for r in world.ranks() if r not in mine]

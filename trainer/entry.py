@@ -18,7 +18,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from finetune.contracts import EXIT_PERMANENT, EXIT_TRANSIENT, RankOutcome, TrainerResult, TransientError, one_line
+from finetune.contracts import (
+    EXIT_PEER_LOST,
+    EXIT_PERMANENT,
+    EXIT_TRANSIENT,
+    RankOutcome,
+    TrainerResult,
+    TransientError,
+    one_line,
+)
 from finetune.hardware import cpu_has_bf16
 from finetune.spec import FineTuneJob, SpecError, Training, load_job
 
@@ -129,6 +137,38 @@ def leave_outcome(outcome: RankOutcome) -> None:
         log.warning("could not leave the outcome for the launcher: %s", err)
 
 
+PEER_LOST_WAIT_ENV = "FINETUNE_PEER_LOST_WAIT_SECONDS"
+PEER_LOST_WAIT_SECONDS = 600.0
+# What a collective says when the process at the other end is gone (gloo, NCCL, the c10d store).
+PEER_LOST_SIGNS = ("connection closed by peer", "connection reset by peer", "broken pipe", "read error",
+                   "remote process exited", "communicator was aborted", "socket closed", "recvbytes failed",
+                   "connection refused", "timed out")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether a distributed error only says that another rank went away (the cause is that rank)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return False
+    names = {cls.__name__ for cls in type(err).__mro__}
+    text = str(err).lower()
+    distributed = bool(names & {"DistNetworkError", "DistBackendError", "DistStoreError"}) or "gloo" in text
+    return distributed and any(sign in text for sign in PEER_LOST_SIGNS)
+
+
+def wait_for_the_cause(rank: int, message: str) -> None:
+    """A rank that lost its peer is a victim, not the cause: it waits before failing, so the pod that went
+    first (preempted, evicted, crashed) fails its Job first and decides the gang's restart (a disruption
+    uses no budget). The JobSet's restart ends this wait at once (SIGTERM); only a cause that never shows
+    (a lost node) lets it run out, and then this rank's failure restarts the gang."""
+    import time
+
+    wait = float(os.environ.get(PEER_LOST_WAIT_ENV) or PEER_LOST_WAIT_SECONDS)
+    log.error("rank %d lost a peer (%s); waiting up to %.0f s for the gang to be restarted", rank, message, wait)
+    time.sleep(max(wait, 0.0))
+
+
 def say(line: str) -> None:
     """The one-line error on stderr, unless a launcher collects outcomes: it prints the line itself, last."""
     if not os.environ.get(OUTCOME_DIR_ENV):
@@ -163,7 +203,12 @@ def run(job_file: str, output: Path) -> int:
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt | SystemExit):
             raise
-        leave_outcome(RankOutcome(rank=rank, exit_code=1, message=one_line(f"{type(err).__name__}: {err}")))
+        message = one_line(f"{type(err).__name__}: {err}")
+        if lost_peer(err):
+            leave_outcome(RankOutcome(rank=rank, exit_code=EXIT_PEER_LOST, message=f"lost a peer rank: {message}"))
+            wait_for_the_cause(rank, message)
+            return EXIT_PEER_LOST
+        leave_outcome(RankOutcome(rank=rank, exit_code=1, message=message))
         raise  # the traceback stays in the log
     result = trainer_result(output, metrics) if metrics else None
     done = f"trained; exported to {output}" if result else "done"

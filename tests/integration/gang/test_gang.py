@@ -62,19 +62,21 @@ async def test_a_killed_rank_restarts_the_gang_which_resumes(gang) -> None:
 
 
 async def test_a_disruption_restarts_without_using_the_budget(gang) -> None:
-    await gang.apply("preempted", resources={"nodes": 1}, scheduling={"backoffLimit": 0},
-                     serving={"enabled": False})
-
-    def running() -> list:
-        return [p for p in gang.trainer_pods("preempted", attempt=0) if p["metadata"]["name"] in gang.box.processes()]
-
-    [pod] = await gang.box.wait_for(running, 300, "the trainer process")
-    await gang.box.disrupt(pod["metadata"]["name"], reason="PreemptionByScheduler")
+    """Node 0 is preempted mid-training; node 1 then loses its peer. The survivor must not fail its Job
+    first (that would count against the budget): it waits, and the disruption decides a free restart."""
+    await gang.apply("preempted", training={"epochs": 8, "checkpointSteps": 3, "evalSteps": 1000},
+                     scheduling={"backoffLimit": 0}, serving={"enabled": False})
+    await gang.box.wait_for(lambda: _has_checkpoint(gang.output("preempted")), 600, "training under way")
+    [node0] = [p for p in gang.trainer_pods("preempted", attempt=0)
+               if p["metadata"]["annotations"][naming.COMPLETION_INDEX] == "0"]
+    await gang.box.disrupt(node0["metadata"]["name"], reason="PreemptionByScheduler")
     status = await gang.wait_phase("preempted", "Succeeded")
     trainer = status["trainer"]
     assert trainer["restarts"] == 1 and trainer["restartsCounted"] == 0  # backoffLimit 0, and still it ran
     [first] = trainer["failures"]
+    assert first["pod"] == node0["metadata"]["name"]
     assert first["reason"] == "PreemptionByScheduler" and first["countsAgainstBudget"] is False
+    assert gang.metrics("preempted")["training"]["resumed_from_step"] > 0
 
 
 async def test_bad_data_fails_at_once_with_the_trainers_own_line(gang) -> None:

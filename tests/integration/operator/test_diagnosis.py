@@ -149,3 +149,59 @@ async def test_without_the_jobset_api_nothing_is_created(no_jobset, trained) -> 
         declare(no_jobset, jobset=True)
         await kube.wait_phase("early", "Training")
         assert kube.live("jobsets", "early") == ["early-train-1"]
+
+
+async def test_a_jobset_too_old_for_the_failure_rules_creates_nothing(kube, running, monkeypatch) -> None:
+    """An API server whose JobSet CRD (before v0.10) has no onJobFailureMessagePatterns prunes it: the
+    dry run shows it, and the job waits with the upgrade command instead of failing on every preemption."""
+    answer = kube.emulator._dry_run_create
+
+    def old_jobset(request):  # the pruning an old CRD schema does
+        if request.resource.plural == "jobsets":
+            for rule in request.data["spec"]["failurePolicy"]["rules"]:
+                rule.pop("onJobFailureMessagePatterns", None)
+        return answer(request)
+
+    monkeypatch.setattr(kube.emulator, "_dry_run_create", old_jobset)
+    await kube.create("old")
+    status = await kube.eventually(lambda: _reason(kube, "old", "JobSetTooOld"), what="JobSetTooOld")
+    assert status["phase"] == "Pending" and "older than v0.10.0" in status["message"]
+    assert kube.live("jobsets", "old") == [] and kube.live("configmaps", "old") == []
+    monkeypatch.setattr(kube.emulator, "_dry_run_create", answer)  # JobSet upgraded
+    await kube.wait_phase("old", "Training")
+
+
+async def test_endless_disruptions_stop_the_run(kube, running) -> None:
+    """Disruptions use no budget, so JobSet would restart a trainer evicted again and again forever."""
+    await kube.create("evicted", scheduling={"maxDisruptions": 2})
+    await kube.wait_jobset("evicted")
+    await kube.set_jobset_status("evicted-train-1", {"restarts": 2, "restartsCountTowardsMax": 0})
+    await kube.eventually(lambda: _reason(kube, "evicted", "Restarted"), what="two free restarts")
+    await kube.set_jobset_status("evicted-train-1", {"restarts": 3, "restartsCountTowardsMax": 0})
+    status = await kube.wait_phase("evicted", "Failed")
+    assert status["reason"] == "DisruptionLimitExceeded" and "disrupted 3 times" in status["message"]
+    await kube.eventually(lambda: _gone(kube, "evicted-train-1"), what="the JobSet deleted")
+
+
+async def _gone(kube, name: str) -> bool:
+    return name not in kube.live("jobsets")
+
+
+async def test_a_refused_jobset_fails_with_the_api_servers_words(kube, running, monkeypatch) -> None:
+    """A webhook or policy engine refusing the JobSet is not retried forever in silence."""
+    from aiohttp import web
+
+    answer = kube.emulator._dry_run_create
+
+    def policy(request):  # e.g. a Kyverno/Gatekeeper rule on trainer images
+        if request.resource.plural == "jobsets":
+            return web.json_response({"kind": "Status", "code": 422, "message": 'admission webhook '
+                                      '"validate.kyverno.svc" denied the request: images must come from '
+                                      'registry.corp'}, status=422)
+        return answer(request)
+
+    monkeypatch.setattr(kube.emulator, "_dry_run_create", policy)
+    await kube.create("refused")
+    status = await kube.wait_phase("refused", "Failed")
+    assert status["reason"] == "TrainerRefused" and "images must come from registry.corp" in status["message"]
+    assert kube.live("jobsets", "refused") == [] and kube.live("roles", "refused") == []

@@ -118,7 +118,8 @@ def test_a_killed_rank_is_retryable_and_the_rerun_resumes(tiny_bert, synthetic_d
     code = finished(launcher)
     ended = message(log)
     assert code not in (0, EXIT_PERMANENT) and not ended.permanent, ended
-    assert ended.exit_code == code and "ended without a result" in ended.message and ended.log_tail
+    assert ended.exit_code == code and ended.log_tail
+    assert "ended without a result: killed by SIGKILL (out of memory, or killed)" in ended.message, ended.message
     # The pod is recreated: the same command resumes from the checkpoint and finishes.
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=BOUND, env={**os.environ,
                                                                                        "OMP_NUM_THREADS": "1"})
@@ -169,3 +170,24 @@ def test_an_unreachable_hub_is_transient(synthetic_data, write_job, tmp_path) ->
     assert done.returncode == EXIT_TRANSIENT, done.stderr[-2000:]
     ended = message(log)
     assert not ended.permanent and "cannot reach the model hub" in ended.message
+
+
+def test_sigterm_stops_training_and_says_so(tiny_bert, synthetic_data, write_job, tmp_path) -> None:
+    """A pod being deleted gets SIGTERM: training stops, and the message says why, not "a rank crashed"."""
+    job = write_job(tiny_bert, synthetic_data, resources={"gpusPerNode": 0}, training={"epochs": 50})
+    log = tmp_path / "termination-log"
+    command = pod_command(job, tmp_path / "out", log)
+    command[command.index("--processes") + 1] = "2"
+    launcher = start(command, tmp_path / "pod.log", OMP_NUM_THREADS="1")
+    wait_until(lambda: len(ranks(launcher.pid)) == 2, "two training processes")
+    descendants = children(launcher.pid)
+    try:
+        launcher.send_signal(signal.SIGTERM)
+        code = finished(launcher)
+    finally:
+        for pid in descendants:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    ended = message(log)
+    assert code == 128 + signal.SIGTERM and ended.exit_code == code and not ended.permanent
+    assert ended.message.startswith("stopped by SIGTERM before training finished"), ended.message

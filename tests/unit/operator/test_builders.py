@@ -53,6 +53,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "image": "registry.example.com/finetune:dev",
     },
     "long-name": {"resources": {"nodes": 1024}},
+    "digits-in-name": {},
 }
 
 
@@ -69,7 +70,7 @@ def all_objects(job: FineTuneJob) -> list[dict[str, Any]]:
 
 
 def variant(job_builder: Callable[..., FineTuneJob], name: str) -> FineTuneJob:
-    job_name = "a" * 63 if name == "long-name" else "sst2"
+    job_name = {"long-name": "a" * 63, "digits-in-name": "m-7b-lora-2024"}.get(name, "sst2")
     return job_builder(name=job_name, **VARIANTS[name])
 
 
@@ -355,3 +356,13 @@ def test_service_and_monitor_select_the_server(job_builder: Callable[..., FineTu
     assert monitor["spec"]["selector"]["matchLabels"] == svc["metadata"]["labels"]
     assert monitor["spec"]["endpoints"][0]["port"] == "http"
     assert builders.build_service_monitor(job_builder(), uid=UID) is None
+
+
+def test_an_old_jobset_that_prunes_the_message_patterns_is_detected(job_builder: Callable[..., FineTuneJob]) -> None:
+    """JobSet before v0.10 has no onJobFailureMessagePatterns in its CRD schema; the API server drops it."""
+    jobset = builders.build_trainer_jobset(job_builder(), uid=UID, run=1)
+    assert builders.failure_rules_kept(jobset)
+    pruned = copy.deepcopy(jobset)
+    for rule in pruned["spec"]["failurePolicy"]["rules"]:
+        rule.pop("onJobFailureMessagePatterns", None)
+    assert not builders.failure_rules_kept(pruned)

@@ -133,3 +133,34 @@ def test_failed_messages() -> None:
     assert reason == "DeadlineExceeded" and "activeDeadlineSeconds" in text
     note = diagnosis.restart_note(2, 1, 3, crashes)
     assert note.startswith("restart 2 (1 of 3 allowed failure restarts used) after pod p-1 (rank 1)")
+
+
+def test_victims_never_hide_the_cause() -> None:
+    """A rank that lost its peer (exit 76) or was stopped by a deletion ends first at times, or in the
+    same second, or on a node whose clock runs ahead: the cause still wins."""
+    lost = trainer_pod("p-0", 0, code=76, message=error(76, "lost a peer rank: DistBackendError: closed", 0),
+                       finished="2026-01-01T00:00:01Z")
+    stopped = trainer_pod("p-2", 2, code=143, finished="2026-01-01T00:00:01Z")
+    stopped["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    cause = trainer_pod("p-1", 1, code=137, message="Killed", finished="2026-01-01T00:00:04Z")
+    for order in ([lost, stopped, cause], [cause, lost, stopped], [stopped, cause, lost]):
+        [first] = diagnosis.merge_failures([], order)
+        assert first.pod == "p-1", [diagnosis.pod_failure(p) for p in order]
+    [victim] = diagnosis.merge_failures([], [lost])
+    assert victim.reason == "PeerLost"  # alone, it is still shown (nothing better is known)
+
+
+def test_a_permanent_error_wins_over_an_earlier_failure() -> None:
+    early = trainer_pod("p-1", 1, code=1, message=error(1, "RuntimeError: boom", 1), finished="2026-01-01T00:00:01Z")
+    permanent = trainer_pod("p-0", 0, code=2, message=error(2, "bad data", 0, True), finished="2026-01-01T00:00:09Z")
+    [first] = diagnosis.merge_failures([], [early, permanent])
+    assert first.reason == "PermanentError"
+
+
+def test_a_pod_the_kubelet_rejected_says_why() -> None:
+    rejected = {"metadata": {"name": "p-0", "annotations": {naming.COMPLETION_INDEX: "0"}},
+                "status": {"phase": "Failed", "reason": "OutOfnvidia.com/gpu",
+                           "message": "Pod Node didn't have enough resource: nvidia.com/gpu"}}
+    failure = diagnosis.pod_failure(rejected)
+    assert failure is not None and failure.reason == "OutOfnvidia.com/gpu"
+    assert "didn't have enough resource" in failure.message

@@ -54,3 +54,10 @@ def test_all_problems_are_reported_at_once() -> None:
     with pytest.raises(SpecError) as err:
         validate_job(body({**GOOD, "storage": {}, "dataset": {"train": {"path": "/tmp/t.csv"}}}))
     assert "claimName" in str(err.value) and "dataset.train.path" in str(err.value)
+
+
+def test_a_name_that_starts_with_a_digit_is_refused_with_a_fix() -> None:
+    """`7b-lora` is a valid object name, but the JobSet and the Service it names must be DNS-1035 labels:
+    JobSet's webhook (and the API server, for the Service) would refuse them on every retry."""
+    with pytest.raises(SpecError, match="metadata.name: '7b-lora' must start with a letter.*'m-7b-lora'"):
+        validate_job({"metadata": {"name": "7b-lora", "namespace": "ml"}, "spec": GOOD})
