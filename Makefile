@@ -22,12 +22,12 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy
+	MYPY=$(BIN)/mypy bash scripts/typecheck.sh
 	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy
+	MYPY=$(BIN)/mypy bash scripts/typecheck.sh
 
 crd: setup
 	$(BIN)/finetune crd > manifests/crd.yaml
@@ -37,4 +37,4 @@ bench: setup
 	$(BIN)/python benchmarks/trainer_throughput.py
 
 clean:
-	rm -rf $(VENV) out runs .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) out runs .pytest_cache .ruff_cache .mypy_cache .typecheck

@@ -96,7 +96,7 @@ class _Step:
 
     async def write(self, **fields: Any) -> None:
         """Patch the status with `fields` (skipped when nothing changes); one Event per phase change."""
-        phase = fields.get("phase", self.status.phase)
+        phase = str(fields.get("phase", self.status.phase))
         if "phase" in fields:
             fields.setdefault("reason", None)  # a reason belongs to the phase it was written with
             ready = phase in ("Serving", "Succeeded")

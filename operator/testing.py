@@ -73,7 +73,7 @@ class FastEmulator(kmock.KubernetesEmulator):
         from aiohttp import web
 
         meta = request.data.get("metadata") or {}
-        key = (request.resource, request.namespace or meta.get("namespace"), meta.get("name"))
+        key: Any = (request.resource, request.namespace or meta.get("namespace"), meta.get("name"))
         existing = self._objects._objects.get(key)
         if existing is not None and not existing.deleted:
             return web.json_response({"kind": "Status", "status": "Failure", "reason": "AlreadyExists",

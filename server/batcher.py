@@ -314,7 +314,7 @@ class Batcher:
                 item.future.set_result(answer)
 
     def _generate(
-        self, prompt: list[int], params: GenerationParams, control: GenerationControl, threads: int
+        self, prompt: list[int], params: GenerationParams, control: GenerationControl | None, threads: int
     ) -> Completion:
         self._runner.use_threads(threads)
         return self._runner.generate(prompt, params, control)
@@ -323,10 +323,11 @@ class Batcher:
         """Tokenize every text of the batch in one call, then classify in passes of at most max_batch_size."""
         self._runner.use_threads(threads)
         encoded = self._runner.encode([text for group in groups for text in group])
-        per_group, offset = [], 0
-        for group in groups:
-            per_group.append(encoded[offset : offset + len(group)])
-            offset += len(group)
+        per_group: list[list[Encoded]] = []
+        offset = 0
+        for texts in groups:
+            per_group.append(encoded[offset : offset + len(texts)])
+            offset += len(texts)
         # A request with a text over the limit is refused whole when the policy says reject.
         refused = [self._reject_long and any(e.truncated for e in group) for group in per_group]
         todo = [e.ids for group, skip in zip(per_group, refused, strict=True) if not skip for e in group]

@@ -101,7 +101,10 @@ def _stream(
 ) -> StreamingResponse:
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[str] = asyncio.Queue()
-    control = GenerationControl(on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
+    def on_text(text: str) -> None:  # called on the model thread: hand the piece to the event loop
+        loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+    control = GenerationControl(on_text=on_text)
     timeout = ready.settings.request_timeout_s
     # Queued before the response starts, so a full queue is still a plain 503 rather than a broken stream.
     try:
@@ -120,7 +123,8 @@ def _stream(
         try:
             while True:
                 getter = asyncio.ensure_future(pieces.get())
-                done, _ = await asyncio.wait({getter, future}, timeout=max(deadline - loop.time(), 0),
+                waiting: set[asyncio.Future[Any]] = {getter, future}
+                done, _ = await asyncio.wait(waiting, timeout=max(deadline - loop.time(), 0),
                                              return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     yield chunk(getter.result(), None)

@@ -142,7 +142,7 @@ async def predict(name: str, body: PredictRequest, request: Request) -> JSONResp
     if any(result is None for _, result in answers):  # refused whole: name the first long text
         index, enc = next((i, enc) for i, (enc, _) in enumerate(answers) if enc.truncated)
         raise refuse_long(index, enc.n_tokens, ready.runner.max_length)
-    metrics, predictions = ready.metrics, []
+    metrics, predictions = ready.metrics, list[dict[str, Any]]()
     for enc, result in answers:
         assert result is not None
         metrics.input_tokens.observe(enc.n_tokens)

@@ -36,7 +36,7 @@ def collate(
 
 
 def scores_from_logits(logits: torch.Tensor) -> np.ndarray:
-    return torch.softmax(logits.float(), dim=-1).cpu().numpy()  # type: ignore[no-any-return]
+    return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
 
 def classification_metrics(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from finetune.contracts import FirstFailure, one_line
 
@@ -32,13 +33,15 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
-    from torch.distributed.run import get_args_parser, run
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as run_untyped
 
     from finetune.trainer.entry import die_with_parent
 
     die_with_parent()
     os.environ["FINETUNE_LAUNCHER_PID"] = str(os.getpid())  # for the ranks' own die_with_parent
     try:
+        run: Any = run_untyped
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()

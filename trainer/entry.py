@@ -94,8 +94,9 @@ def train(job: FineTuneJob, output: Path) -> dict[str, Any]:
 
 def quiet_libraries() -> None:
     """Our own log says what happened; the libraries' per-checkpoint and load-report chatter hides it."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as transformers_logging
 
+    hf_logging: Any = transformers_logging  # untyped functions
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

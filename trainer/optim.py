@@ -23,7 +23,8 @@ def plan_steps(cfg: Training, lengths: Sequence[int], accelerator: Any) -> int:
 
 def build_optimizer(model: Any, cfg: Training) -> torch.optim.Optimizer:
     """AdamW; biases and norm weights get no weight decay, as in the BERT recipe."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if name.endswith(NO_DECAY) else decay).append(param)
