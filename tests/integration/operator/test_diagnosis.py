@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.contracts import TerminationMessage
-from finetune.operator import k8s, naming
+from finetune.contracts import one_line
+from finetune.operator import diagnosis, k8s, naming
 from finetune.operator.testing import declare, server_url
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,11 +58,11 @@ async def test_an_image_that_cannot_be_pulled(kube, running) -> None:
 async def test_a_failed_rank_and_the_gang_restart(kube, running) -> None:
     await kube.create("crash", resources={"nodes": 2, "gpusPerNode": 0})
     await kube.wait_jobset("crash")
-    # Rank 1 is OOM-killed first; rank 0 then loses its peer. The JobSet restarts the gang once.
-    victim = TerminationMessage(exit_code=1, message="RuntimeError: [gloo] Connection closed by peer", node_rank=0,
-                                failed_rank=0).encode()
-    await kube.add_pod("crash", 1, 0, "Failed", code=1, message=victim, finished="2026-01-01T00:00:09Z")
-    await kube.add_pod("crash", 1, 1, "Failed", code=137, message="step 40 loss 0.31\nKilled",
+    # Rank 1 is OOM-killed first; rank 0 then loses its peer. The JobSet restarts the gang once. What the
+    # two pods say is what a real run said (tests/real_runs.py): node 0's message, node 1's last log lines.
+    await kube.add_pod("crash", 1, 0, "Failed", code=76, message=kube.trained.peer_lost,
+                       finished="2026-01-01T00:00:03Z")  # the victim may well be seen ending first
+    await kube.add_pod("crash", 1, 1, "Failed", code=137, message=kube.trained.killed_log,
                        finished="2026-01-01T00:00:03Z")
     await kube.set_jobset_status("crash-train-1", {"restarts": 1, "restartsCountTowardsMax": 1, "conditions": [
         {"type": "RestartingJobSet", "status": "True", "reason": "DefaultFailurePolicy"}]})
@@ -75,7 +75,8 @@ async def test_a_failed_rank_and_the_gang_restart(kube, running) -> None:
     trainer = status["trainer"]
     assert trainer["restarts"] == trainer["restartsCounted"] == 1 and trainer["restartBudget"] == 3
     [first] = trainer["failures"]
-    assert first["nodeRank"] == 1 and first["exitCode"] == 137 and first["logTail"][-1] == "Killed"
+    last_line = one_line(kube.trained.killed_log.splitlines()[-1], diagnosis.LOG_LINE_CHARS)
+    assert first["nodeRank"] == 1 and first["exitCode"] == 137 and first["logTail"][-1] == last_line
     assert trainer["active"] == 2 and trainer["failed"] == 0  # counts are of the running attempt
     await kube.eventually(lambda: _has_event(kube, "crash", "TrainerRestarted"), what="a restart Event")
 
@@ -87,9 +88,9 @@ async def _has_event(kube, name: str, reason: str) -> bool:
 async def test_a_permanent_error_fails_at_once_with_the_trainers_line(kube, running) -> None:
     await kube.create("bad")
     await kube.wait_jobset("bad")
-    line = "dataset.labelColumn: column 'label' not found in /workspace/data/train.tsv; columns are: text, y"
-    error = TerminationMessage(exit_code=2, permanent=True, message=line, node_rank=0, failed_rank=0).encode()
-    await kube.add_pod("bad", 1, 0, "Failed", code=2, message=error, finished="2026-01-01T00:00:03Z")
+    line = kube.trained.message("bad_data").message
+    assert "column 'stars' not found" in line  # the trainer's own words, from a real run
+    await kube.add_pod("bad", 1, 0, "Failed", code=2, message=kube.trained.bad_data, finished="2026-01-01T00:00:03Z")
     await kube.set_jobset_status("bad-train-1", {"conditions": [
         {"type": "Failed", "status": "True", "reason": "FailJobSetFailurePolicyAction",
          "message": "applying FailJobSet failure policy action (first failed job: bad-train-1-node-0)"}]})

@@ -4,9 +4,8 @@ The real operator (kopf, `standalone` and cluster-wide as the chart runs it) dri
 their life cycle against kmock's Kubernetes emulator, declared with `finetune.operator.testing.declare`
 as the operator's own integration tests do. The test plays the user, the JobSet controller, the kubelet,
 Kueue and the Deployment controller. The operator's requests carry a bearer token the test side does not send, so
-kmock's request log separates the operator's calls from the test's. (The trainer's termination
-message here is built with its typed model; what a real trainer writes is tested in tests/integration.)
-Then:
+kmock's request log separates the operator's calls from the test's. The trainer pods' termination
+messages are those of real trainer runs (the `trained` session fixture, tests/real_runs.py). Then:
 - every call the operator made is allowed by the chart's ClusterRole;
 - every (group, resource, verb) the ClusterRole grants was used, or is listed in UNEXERCISED with the
   code path that needs it.
@@ -136,8 +135,9 @@ async def operator_with_token(emulator: kmock.KubernetesEmulator) -> AsyncIterat
 class Cluster:
     """The user and the controllers kmock lacks, through plain HTTP without the operator's token."""
 
-    def __init__(self, api: Any) -> None:
+    def __init__(self, api: Any, trained: Any) -> None:
         self.api = api
+        self.trained = trained
 
     async def eventually(self, what: str, check: Callable[[], Awaitable[Any]], timeout: float = 15) -> Any:
         deadline = time.monotonic() + timeout
@@ -175,17 +175,15 @@ class Cluster:
 
         await self.eventually(f"{name} {phase} {model or ''}", check)
 
-    async def trainer_ends(self, owner: str, run: int, code: int, metrics: dict[str, float] | None = None) -> str:
-        """Kubelet and JobSet controller: pod 0 terminates with `code` (and a result), the JobSet finishes."""
-        from finetune.contracts import TerminationMessage, TrainerResult
+    async def trainer_ends(self, owner: str, run: int, which: str) -> str:
+        """Kubelet and JobSet controller: pod 0 ends as the real run `which` did, the JobSet finishes."""
         from finetune.operator import naming
 
         name = naming.trainer_name(owner, run)
         await self.eventually(f"JobSet {name}", lambda: self.api.get(f"{JOBSETS}/{name}"))
-        model = f"/workspace/{owner}/run-{run}"
-        result = TrainerResult(model_path=model, metrics=metrics or {}, headline_metric="f1") if not code else None
-        message = TerminationMessage(exit_code=code, permanent=code == 2, result=result,
-                                     message="" if not code else "column 'label' not found").encode()
+        ended = self.trained.message(which)
+        code, message = ended.exit_code, getattr(self.trained, which)
+        model = ended.result.model_path if ended.result is not None else ""
         phase = "Failed" if code else "Succeeded"
         await self.api.create({"apiVersion": "v1", "kind": "Pod", "metadata": {
             "name": f"{name}-node-0-0-{phase.lower()}", "namespace": NS,
@@ -231,19 +229,21 @@ class Cluster:
 async def drive_life_cycles(cluster: Cluster) -> None:
     """Serving with autoscaling and a ServiceMonitor, a retrain, edits that remove children, a failed
     trainer, deletion: the paths on which the operator uses each kind of API call."""
-    await cluster.create("served", serving={"replicas": 2, "maxReplicas": 4}, monitoring={"serviceMonitor": True})
+    # No threshold: the weak real model serves first, the good one replaces it on the retrain.
+    await cluster.create("served", serving={"replicas": 2, "maxReplicas": 4}, monitoring={"serviceMonitor": True},
+                         promotion={})
     await cluster.create("broken")
     await cluster.create("queued", scheduling={"queueName": "team-a"})
-    await cluster.trainer_ends("broken", 1, code=2)
+    await cluster.trainer_ends("broken", 1, "bad_data")
     await cluster.admit("queued", 1)
-    model = await cluster.trainer_ends("served", 1, code=0, metrics={"f1": 0.9})
+    model = await cluster.trainer_ends("served", 1, "weak")
     await cluster.phase("served", "Deploying")
     await cluster.roll_out("served")
     await cluster.phase("served", "Serving", model)
     await cluster.phase("broken", "Failed")
     # A training edit: run 2 replaces run 1's trainer objects, and its model is served.
     await cluster.edit("served", training={"epochs": 2})
-    model = await cluster.trainer_ends("served", 2, code=0, metrics={"f1": 0.95})
+    model = await cluster.trainer_ends("served", 2, "good")
     await cluster.phase("served", "Serving", model)
     # Serving edits: a bigger autoscaler, then none, then no serving at all.
     hpa = f"/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers/served-server"
@@ -262,7 +262,7 @@ async def drive_life_cycles(cluster: Cluster) -> None:
 
 
 async def test_chart_role_is_exactly_what_the_operator_uses(
-    kmock: kmock.KubernetesEmulator, helm: str, sh: Callable[..., Any]
+    kmock: kmock.KubernetesEmulator, helm: str, sh: Callable[..., Any], trained: Any
 ) -> None:
     from finetune.operator import k8s
     from finetune.operator.testing import declare
@@ -274,7 +274,7 @@ async def test_chart_role_is_exactly_what_the_operator_uses(
         verbs={"list", "watch", "get", "patch", "create", "delete", "update"},
     )
     async with k8s.Api(k8s.Cluster(server=str(kmock.url).rstrip("/"))) as api, operator_with_token(kmock):
-        await drive_life_cycles(Cluster(api))
+        await drive_life_cycles(Cluster(api, trained))
 
     used = operator_calls(kmock)
     grants = granted(chart_rules(helm, sh))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune.contracts import TerminationMessage
+from finetune.contracts import one_line
 from finetune.operator import diagnosis, naming, observe
 
 
@@ -34,26 +34,30 @@ def trainer_pod(
     }
 
 
-def error(code: int, text: str, rank: int, permanent: bool = False) -> str:
-    return TerminationMessage(exit_code=code, permanent=permanent, message=text, node_rank=rank, failed_rank=rank,
-                              log_tail=["loading data", text]).encode()
+# Termination messages and logs are real runs' (tests/real_runs.py, the `trained` session fixture); only
+# what the kubelet and the scheduler would write around them (times, conditions, states) is written here.
 
 
-def test_a_permanent_error_keeps_the_trainers_own_line() -> None:
-    pod = trainer_pod("p-0", 0, code=2, message=error(2, "dataset.labelColumn: column 'label' not found", 0, True))
-    failure = diagnosis.pod_failure(pod)
+def shown(line: str) -> str:
+    return one_line(line, diagnosis.LOG_LINE_CHARS)
+
+
+def test_a_permanent_error_keeps_the_trainers_own_line(trained) -> None:
+    failure = diagnosis.pod_failure(trainer_pod("p-0", 0, code=2, message=trained.bad_data))
     assert failure is not None
     assert failure.reason == "PermanentError" and failure.exit_code == 2 and failure.node_rank == 0
-    assert failure.message == "dataset.labelColumn: column 'label' not found"
-    assert failure.log_tail[-1] == failure.message and failure.counts_against_budget
+    assert failure.message.startswith("dataset.labelColumn: column 'stars' not found")
+    expected_tail = trained.message("bad_data").log_tail[-diagnosis.LOG_LINES:]
+    assert failure.log_tail and failure.log_tail == [shown(line) for line in expected_tail]
+    assert failure.counts_against_budget
 
 
-def test_a_killed_pod_without_a_message_shows_its_last_log_lines() -> None:
-    logs = "\n".join(f"step {i}" for i in range(100)) + "\nKilled"
-    failure = diagnosis.pod_failure(trainer_pod("p-1", 1, code=137, message=logs))
+def test_a_killed_pod_without_a_message_shows_its_last_log_lines(trained) -> None:
+    failure = diagnosis.pod_failure(trainer_pod("p-1", 1, code=137, message=trained.killed_log))
     assert failure is not None
-    assert failure.message == "exited with code 137" and failure.log_tail[-1] == "Killed"
-    assert len(failure.log_tail) == diagnosis.LOG_LINES
+    lines = [line for line in trained.killed_log.splitlines() if line.strip()]
+    assert failure.message == "exited with code 137" and failure.log_tail[-1] == shown(lines[-1])
+    assert len(failure.log_tail) == min(diagnosis.LOG_LINES, len(lines))
 
 
 def test_a_disruption_does_not_count() -> None:
@@ -67,11 +71,10 @@ def test_a_disruption_does_not_count() -> None:
     assert diagnosis.pod_failure(trainer_pod("p-0", 0, phase="Succeeded", code=0)) is None
 
 
-def test_the_first_failure_of_each_attempt_wins_by_time() -> None:
-    victim = trainer_pod("p-0", 0, code=1, message=error(1, "RuntimeError: gloo connection closed", 0),
-                         finished="2026-01-01T00:00:09Z")
-    cause = trainer_pod("p-1", 1, code=137, message="oom", finished="2026-01-01T00:00:03Z")
-    later = trainer_pod("q-1", 1, attempt=1, code=1, message=error(1, "boom", 1), finished="2026-01-01T00:01:00Z")
+def test_the_first_failure_of_each_attempt_wins_by_time(trained) -> None:
+    victim = trainer_pod("p-0", 0, code=76, message=trained.peer_lost, finished="2026-01-01T00:00:09Z")
+    cause = trainer_pod("p-1", 1, code=137, message=trained.killed_log, finished="2026-01-01T00:00:03Z")
+    later = trainer_pod("q-1", 1, attempt=1, code=137, message=trained.killed_log, finished="2026-01-01T00:01:00Z")
     # Seen in any order: the victim first, then the root cause, then the next attempt's failure.
     known = diagnosis.merge_failures([], [victim])
     assert [f.pod for f in known] == ["p-0"]
@@ -117,13 +120,12 @@ def test_kueue_says_why_it_waits() -> None:
     assert diagnosis.kueue_message([other], "sst2-train-1") is None
 
 
-def test_failed_messages() -> None:
-    permanent = diagnosis.merge_failures([], [trainer_pod("p-0", 0, code=2, message=error(
-        2, "dataset.labelColumn: column 'label' not found", 0, True))])
+def test_failed_messages(trained) -> None:
+    permanent = diagnosis.merge_failures([], [trainer_pod("p-0", 0, code=2, message=trained.bad_data)])
     state = observe.TrainerState("failed", 0, 0, "FailJobSetFailurePolicyAction", "applying FailJobSet")
     reason, text = diagnosis.failed_message(state, permanent, 3, "j-train-1", "PodFailurePolicy")
     assert reason == "PermanentError"
-    assert "column 'label' not found" in text and "retry cannot fix" in text and "kubectl logs p-0" in text
+    assert "column 'stars' not found" in text and "retry cannot fix" in text and "kubectl logs p-0" in text
     crashes = diagnosis.merge_failures([], [trainer_pod("p-1", 1, code=137, message="")])
     state = observe.TrainerState("failed", 3, 3, "ReachedMaxRestarts", "jobset failed due to reaching max")
     reason, text = diagnosis.failed_message(state, crashes, 3, "j-train-1", "BackoffLimitExceeded")
@@ -135,14 +137,13 @@ def test_failed_messages() -> None:
     assert note.startswith("restart 2 (1 of 3 allowed failure restarts used) after pod p-1 (rank 1)")
 
 
-def test_victims_never_hide_the_cause() -> None:
+def test_victims_never_hide_the_cause(trained) -> None:
     """A rank that lost its peer (exit 76) or was stopped by a deletion ends first at times, or in the
     same second, or on a node whose clock runs ahead: the cause still wins."""
-    lost = trainer_pod("p-0", 0, code=76, message=error(76, "lost a peer rank: DistBackendError: closed", 0),
-                       finished="2026-01-01T00:00:01Z")
+    lost = trainer_pod("p-0", 0, code=76, message=trained.peer_lost, finished="2026-01-01T00:00:01Z")
     stopped = trainer_pod("p-2", 2, code=143, finished="2026-01-01T00:00:01Z")
     stopped["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-    cause = trainer_pod("p-1", 1, code=137, message="Killed", finished="2026-01-01T00:00:04Z")
+    cause = trainer_pod("p-1", 1, code=137, message=trained.killed_log, finished="2026-01-01T00:00:04Z")
     for order in ([lost, stopped, cause], [cause, lost, stopped], [stopped, cause, lost]):
         [first] = diagnosis.merge_failures([], order)
         assert first.pod == "p-1", [diagnosis.pod_failure(p) for p in order]
@@ -150,9 +151,9 @@ def test_victims_never_hide_the_cause() -> None:
     assert victim.reason == "PeerLost"  # alone, it is still shown (nothing better is known)
 
 
-def test_a_permanent_error_wins_over_an_earlier_failure() -> None:
-    early = trainer_pod("p-1", 1, code=1, message=error(1, "RuntimeError: boom", 1), finished="2026-01-01T00:00:01Z")
-    permanent = trainer_pod("p-0", 0, code=2, message=error(2, "bad data", 0, True), finished="2026-01-01T00:00:09Z")
+def test_a_permanent_error_wins_over_an_earlier_failure(trained) -> None:
+    early = trainer_pod("p-1", 1, code=137, message=trained.killed_log, finished="2026-01-01T00:00:01Z")
+    permanent = trainer_pod("p-0", 0, code=2, message=trained.bad_data, finished="2026-01-01T00:00:09Z")
     [first] = diagnosis.merge_failures([], [early, permanent])
     assert first.reason == "PermanentError"
 

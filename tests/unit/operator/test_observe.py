@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from finetune.contracts import TerminationMessage, TrainerResult
+from finetune.contracts import TrainerResult
 from finetune.operator import naming, observe
 
 
@@ -47,18 +47,12 @@ def pod(index: str, phase: str, message: str | None = None, code: int = 0, attem
     }
 
 
-def done(result: TrainerResult | None, node_rank: int = 0) -> str:
-    return TerminationMessage(exit_code=0, node_rank=node_rank, result=result).encode()
-
-
-RESULT = TrainerResult(model_path="/workspace/a/run-1", metrics={"f1": 0.9}, headline_metric="f1", world_size=2)
-
-
-def test_result_of_node_zero_of_the_last_attempt() -> None:
-    older = RESULT.model_copy(update={"model_path": "/old"})
-    pods = [pod("1", "Succeeded", done(None, 1)), pod("0", "Succeeded", done(older)),
-            pod("0", "Succeeded", done(RESULT), attempt=1)]
-    assert observe.trainer_result(pods) == RESULT
+def test_result_of_node_zero_of_the_last_attempt(trained) -> None:
+    """Real messages (tests/real_runs.py): node 1's has no result; an older attempt's node 0 is not read."""
+    pods = [pod("1", "Succeeded", trained.good_node1), pod("0", "Succeeded", trained.weak),
+            pod("0", "Succeeded", trained.good, attempt=1)]
+    assert observe.trainer_result(pods) == trained.result("good")
+    assert trained.result("good").world_size == 2 and "f1" in trained.result("good").metrics
 
 
 def test_metrics_keep_finite_numbers_only() -> None:
@@ -71,14 +65,16 @@ def test_metrics_keep_finite_numbers_only() -> None:
     ("pods", "fragment"),
     [
         ([], "gone"),
-        ([pod("0", "Succeeded", "")], "without a result"),
-        ([pod("0", "Succeeded", "Traceback: boom")], "Traceback: boom"),
-        ([pod("0", "Succeeded", done(None))], "without a result"),
-        ([pod("1", "Succeeded", done(RESULT))], "gone"),
+        ([("0", "")], "without a result"),
+        ([("0", "Traceback: boom")], "Traceback: boom"),
+        ([("0", "good_node1")], "without a result"),
+        ([("1", "good")], "gone"),
     ],
 )
-def test_missing_result_is_explained(pods: list[dict[str, Any]], fragment: str) -> None:
-    result = observe.trainer_result(pods)
+def test_missing_result_is_explained(trained, pods: list[tuple[str, str]], fragment: str) -> None:
+    """`pods`: (completion index, termination message or the name of a real run's message)."""
+    found = [pod(index, "Succeeded", getattr(trained, text, text)) for index, text in pods]
+    result = observe.trainer_result(found)
     assert isinstance(result, str) and fragment in result
 
 
