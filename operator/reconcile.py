@@ -195,14 +195,7 @@ class _Step:
             )
             return None
         if not builders.failure_rules_kept(probe):
-            message = diagnosis.jobset_too_old_message()
-            await self.write(
-                phase="Pending",
-                reason="JobSetTooOld",
-                message=message,
-                conditions=self.conditions(phases.JOBSET_AVAILABLE, "False", "JobSetTooOld", message),
-            )
-            return Wait(self.r.config.retry_delay, message)
+            return await self.pending(phases.JOBSET_AVAILABLE, "JobSetTooOld", diagnosis.jobset_too_old_message())
         conditions = self.conditions("VolumeFound", "True", "ClaimFound")
         conditions = phases.with_condition(
             conditions, phases.JOBSET_AVAILABLE, "True", "JobSetServed", "", self.generation
@@ -223,11 +216,9 @@ class _Step:
             "progress": None,
             "start_time": None,
             "completion_time": None,
-            "trainer": Trainer(job_set_name=naming.trainer_name(self.name, run), run=run,
-                               restart_budget=job.spec.scheduling.backoff_limit),
         }
-        self.status = self.status.model_copy(update={"trainer": fields["trainer"]})
-        fields.update(self.trainer_fields(job, observe.trainer_state(trainer), run, [], conditions))
+        state = observe.trainer_state(trainer)
+        fields.update(self.trainer_fields(job, state, self.trainer_record(job, state, run, []), [], conditions))
         if fields["phase"] == "Training":
             fields["start_time"] = phases.now()  # not the previous run's
         await self.write(**fields)
@@ -245,35 +236,32 @@ class _Step:
                 f"PersistentVolumeClaim {claim!r} not found in namespace {self.namespace!r}: create it "
                 "(it holds the data and receives the model) or fix spec.storage.claimName"
             )
-            await self.write(
-                phase="Pending",
-                reason="ClaimNotFound",
-                message=message,
-                conditions=self.conditions("VolumeFound", "False", "ClaimNotFound", message),
-            )
-            return Wait(self.r.config.retry_delay, message)
+            return await self.pending("VolumeFound", "ClaimNotFound", message)
         if not await self.api.served(builders.JOBSET_API_VERSION):
-            message = diagnosis.jobset_missing_message()
-            await self.write(
-                phase="Pending",
-                reason="JobSetMissing",
-                message=message,
-                conditions=self.conditions(phases.JOBSET_AVAILABLE, "False", "JobSetMissing", message),
-            )
-            return Wait(self.r.config.retry_delay, message)
+            return await self.pending(phases.JOBSET_AVAILABLE, "JobSetMissing", diagnosis.jobset_missing_message())
         return None
+
+    async def pending(self, condition: str, reason: str, message: str) -> Wait:
+        """Pending for a missing prerequisite: the condition False with what to do; look again later."""
+        await self.write(
+            phase="Pending",
+            reason=reason,
+            message=message,
+            conditions=self.conditions(condition, "False", reason, message),
+        )
+        return Wait(self.r.config.retry_delay, message)
 
     def trainer_fields(
         self,
         job: FineTuneJob,
         state: observe.TrainerState,
-        run: int,
+        trainer: Trainer,
         pods: list[JSON],
         conditions: list[Condition],
         kueue: str | None = None,
     ) -> dict[str, Any]:
-        """Status fields of a queued, pending or running trainer."""
-        trainer = self.trainer_record(job, state, run, pods)
+        """Status fields of a queued, pending or running trainer (`trainer`: its record, `trainer_record`)."""
+        run = trainer.run
         queue = job.spec.scheduling.queue_name
         fields: dict[str, Any] = {"trainer": trainer, "conditions": conditions}
         if state.phase == "queued":
@@ -296,8 +284,9 @@ class _Step:
             return fields
         message = f"training run {run} on {job.spec.resources.nodes} node(s)"
         if state.restarts:
-            budget = job.spec.scheduling.backoff_limit
-            message += "; " + diagnosis.restart_note(state.restarts, state.restarts_counted, budget, trainer.failures)
+            message += "; " + diagnosis.restart_note(
+                state.restarts, state.restarts_counted, trainer.restart_budget, trainer.failures
+            )
         fields.update(phase="Training", reason="Restarted" if state.restarts else "Running", message=message)
         fields["start_time"] = self.status.start_time or phases.now()
         return fields
@@ -352,6 +341,7 @@ class _Step:
             return False
         state = observe.trainer_state(jobset)
         pods = await self.trainer_pods(run, self.seen_pods)
+        record = self.trainer_record(job, state, run, pods)
         disruptions = state.restarts - state.restarts_counted
         if state.phase == "running" and disruptions > job.spec.scheduling.max_disruptions:
             # JobSet never stops restarting after disruptions; past the limit the run stops here.
@@ -362,14 +352,13 @@ class _Step:
                 "that it does not hold its nodes forever. Find out why its pods are evicted (memory limits, node "
                 "pressure, priorities) and apply again"
             )
-            await self.fail_training(self.trainer_record(job, state, run, pods), "DisruptionLimitExceeded", message)
+            await self.fail_training(record, "DisruptionLimitExceeded", message)
             return False
         if state.phase in ("queued", "running"):
             kueue = await self.kueue_message(jobset["metadata"]["name"]) if state.phase == "queued" else None
-            await self.note_restart(job, state, run, pods)
-            await self.write(**self.trainer_fields(job, state, run, pods, self.status.conditions, kueue))
+            await self.note_restart(record, run)
+            await self.write(**self.trainer_fields(job, state, record, pods, self.status.conditions, kueue))
             return Wait(self.r.config.retry_delay, "queued") if state.phase == "queued" else False
-        record = self.trainer_record(job, state, run, pods)
         if state.phase == "failed":
             jobs = await self.api.list(
                 k8s.collection_path("batch/v1", "jobs", self.namespace),
@@ -399,13 +388,12 @@ class _Step:
         )
         return True
 
-    async def note_restart(self, job: FineTuneJob, state: observe.TrainerState, run: int, pods: list[JSON]) -> None:
+    async def note_restart(self, record: Trainer, run: int) -> None:
         """A Warning Event per gang restart, naming the pod that failed first and why."""
         before = self.status.trainer.restarts if self.status.trainer and self.status.trainer.run == run else 0
-        if state.restarts <= before:
+        if record.restarts <= before:
             return
-        record = self.trainer_record(job, state, run, pods)
-        note = diagnosis.restart_note(state.restarts, state.restarts_counted, record.restart_budget, record.failures)
+        note = diagnosis.restart_note(record.restarts, record.restarts_counted, record.restart_budget, record.failures)
         await self.r.event(self.body, "Warning", "TrainerRestarted", f"run {run}: {note}")
 
     async def fail_training(self, counts: Trainer, reason: str, message: str) -> None:

@@ -98,6 +98,13 @@ class FastEmulator(kmock.KubernetesEmulator):
 VERBS = frozenset({"list", "watch", "get", "patch", "create", "delete", "update"})
 
 
+# The operator as the tests run it: no /metrics server, short watches and retries, so a test that waits
+# for a condition sees it soon; the defaults suit a real cluster.
+FAST_CONFIG = OperatorConfig(
+    metrics_port=None, watch_server_timeout=10, worker_idle_timeout=0.5, consistency_timeout=0.2, retry_delay=0.5
+)
+
+
 def declare(
     emulator: kmock.KubernetesEmulator, namespaces: tuple[str, ...] = (), *, jobset: bool = True, kueue: bool = False
 ) -> None:

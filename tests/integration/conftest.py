@@ -3,14 +3,16 @@ BERT and the real trainer runs are session fixtures in tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import kmock
 import pytest
 import yaml
 
-from finetune.operator.testing import FastEmulator
+from finetune.operator import k8s
+from finetune.operator.testing import FastEmulator, declare, server_url
 from tests.integration.synthetic import synthetic_rows, write_tsv
 
 
@@ -18,6 +20,24 @@ from tests.integration.synthetic import synthetic_rows, write_tsv
 def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
     """kmock's `kmock` fixture, with the emulator that stays fast for hundreds of objects."""
     return {**kmock_options, "cls": FastEmulator}
+
+
+NS = "ml"
+
+
+@pytest.fixture()
+def cluster(kmock: kmock.KubernetesEmulator) -> kmock.KubernetesEmulator:
+    """The emulator with every resource the operator uses, the namespace `ml` and its claim `data`."""
+    declare(kmock, namespaces=(NS,))
+    kmock.objects["v1/persistentvolumeclaims", NS, "data"] = {"metadata": {"name": "data", "namespace": NS}}
+    return kmock
+
+
+@pytest.fixture()
+async def api(cluster: kmock.KubernetesEmulator) -> AsyncIterator[k8s.Api]:
+    """Our own client, used by the tests to act as controllers and the user."""
+    async with k8s.Api(k8s.Cluster(server=server_url(cluster))) as client:
+        yield client
 
 
 @pytest.fixture

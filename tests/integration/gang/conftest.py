@@ -17,25 +17,15 @@ import kmock
 import pytest
 
 from finetune.operator import k8s, naming
-from finetune.operator.config import OperatorConfig
-from finetune.operator.testing import declare, running_operator, server_url
+from finetune.operator.testing import FAST_CONFIG, running_operator
 from tests.integration.synthetic import synthetic_rows, write_tsv
 from tests.podbox import PodBox
 
 NS = "ml"
 FTJS = f"/apis/finetune.dev/v1alpha1/namespaces/{NS}/finetunejobs"
-FAST = OperatorConfig(metrics_port=None, watch_server_timeout=10, worker_idle_timeout=0.5, consistency_timeout=0.2,
-                      retry_delay=0.5, post_events=True)
 # Every scenario runs real training processes on 2 shared cores: bounds are generous, never tight.
 RUN_BOUND = 600.0
 
-
-
-@pytest.fixture()
-def cluster(kmock: kmock.KubernetesEmulator) -> kmock.KubernetesEmulator:
-    declare(kmock, namespaces=(NS,))
-    kmock.objects["v1/persistentvolumeclaims", NS, "data"] = {"metadata": {"name": "data", "namespace": NS}}
-    return kmock
 
 
 @pytest.fixture()
@@ -120,12 +110,13 @@ class Gang:
 
 
 @pytest.fixture()
-async def gang(cluster: kmock.KubernetesEmulator, workspace: Path, tmp_path: Path) -> AsyncIterator[Gang]:
+async def gang(
+    cluster: kmock.KubernetesEmulator, api: k8s.Api, workspace: Path, tmp_path: Path
+) -> AsyncIterator[Gang]:
     async with (
-        k8s.Api(k8s.Cluster(server=server_url(cluster))) as api,
         PodBox(api, root=tmp_path / "box", claims={"data": workspace}, namespace_filter=(NS,),
                grace_seconds=10.0) as box,
-        running_operator(cluster, FAST),
+        running_operator(cluster, FAST_CONFIG),
     ):
         yield Gang(api, box, workspace)
         assert not box.errors, box.errors

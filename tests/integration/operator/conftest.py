@@ -21,21 +21,13 @@ import kopf
 import pytest
 
 from finetune.operator import builders, k8s, naming
-from finetune.operator.config import OperatorConfig
-from finetune.operator.testing import declare, running_operator, server_url
+from finetune.operator.testing import FAST_CONFIG, running_operator
 from tests.real_runs import Trained
 
 NS = "ml"
 FTJS = f"/apis/finetune.dev/v1alpha1/namespaces/{NS}/finetunejobs"
 JOBSETS = f"/apis/jobset.x-k8s.io/v1alpha2/namespaces/{NS}/jobsets"
 DEPLOYMENTS = f"/apis/apps/v1/namespaces/{NS}/deployments"
-FAST = OperatorConfig(
-    metrics_port=None,
-    watch_server_timeout=10,
-    worker_idle_timeout=0.5,
-    consistency_timeout=0.2,
-    retry_delay=0.5,
-)
 
 
 def spec(**overrides: Any) -> dict[str, Any]:
@@ -61,20 +53,6 @@ def ftj(name: str, uid: str | None = None, **overrides: Any) -> dict[str, Any]:
                      "resourceVersion": "1"},
         "spec": spec(**overrides),
     }
-
-
-@pytest.fixture()
-def cluster(kmock: kmock.KubernetesEmulator) -> kmock.KubernetesEmulator:
-    declare(kmock, namespaces=(NS,))
-    kmock.objects["v1/persistentvolumeclaims", NS, "data"] = {"metadata": {"name": "data", "namespace": NS}}
-    return kmock
-
-
-@pytest.fixture()
-async def api(cluster: kmock.KubernetesEmulator) -> AsyncIterator[k8s.Api]:
-    """Our own client, used by the tests to act as controllers and the user."""
-    async with k8s.Api(k8s.Cluster(server=server_url(cluster))) as client:
-        yield client
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 60.0, what: str = "") -> Any:
@@ -125,8 +103,8 @@ class Kube:
     eventually = staticmethod(eventually)
 
     def operator(self, **overrides: Any) -> contextlib.AbstractAsyncContextManager[kopf.Memo]:
-        """Run an operator (FAST settings, with `overrides`) for the duration of an `async with`."""
-        return running_operator(self.emulator, dataclasses.replace(FAST, **overrides))
+        """Run an operator (FAST_CONFIG, with `overrides`) for the duration of an `async with`."""
+        return running_operator(self.emulator, dataclasses.replace(FAST_CONFIG, **overrides))
 
     async def create(self, name: str, **overrides: Any) -> dict[str, Any]:
         return await self.api.create(ftj(name, **overrides))

@@ -5,25 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import kmock
 import pytest
 
 from finetune.operator import k8s
-from finetune.operator.testing import declare, server_url
 from tests.integration.podbox.builders import NS
 from tests.podbox import PodBox
-
-
-@pytest.fixture()
-def cluster(kmock: kmock.KubernetesEmulator) -> kmock.KubernetesEmulator:
-    declare(kmock, namespaces=(NS,))
-    return kmock
-
-
-@pytest.fixture()
-async def api(cluster: kmock.KubernetesEmulator) -> AsyncIterator[k8s.Api]:
-    async with k8s.Api(k8s.Cluster(server=server_url(cluster))) as client:
-        yield client
 
 
 @pytest.fixture()

@@ -107,11 +107,9 @@ async def operator_with_token(emulator: kmock.KubernetesEmulator) -> AsyncIterat
     import kopf
 
     from finetune.operator import k8s
-    from finetune.operator.config import OperatorConfig
+    from finetune.operator.testing import FAST_CONFIG
 
-    config = OperatorConfig(metrics_port=None, watch_server_timeout=10, worker_idle_timeout=0.5,
-                            consistency_timeout=0.2, retry_delay=0.5)
-    memo = kopf.Memo(config=config, cluster=k8s.Cluster(server=str(emulator.url).rstrip("/"), token=TOKEN))
+    memo = kopf.Memo(config=FAST_CONFIG, cluster=k8s.Cluster(server=str(emulator.url).rstrip("/"), token=TOKEN))
     stop, ready = threading.Event(), threading.Event()
     errors: list[BaseException] = []
 
