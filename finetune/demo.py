@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from finetune.run import flat_test_metrics, server_settings, train_and_gate
+from finetune.run import server_settings, train_and_gate
 
 JOB = Path(__file__).resolve().parents[1] / "data" / "demo-job.yaml"
 SENTENCES = [
@@ -51,13 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     show(f"== training {JOB.name} -> {output}")
     job, code, metrics = train_and_gate(str(JOB), output, args.processes)
-    if code != 0 and not metrics:
+    if metrics is None:
         return code
-    test = flat_test_metrics(metrics)
     show("== test metrics on the SST-2 dev set (held out):")
-    show("  " + json.dumps({k: round(v, 4) for k, v in test.items()}))
-    t = metrics["training"]
-    show(f"  {t['steps']} steps, {t['samples_per_second']} samples/s, wall time {t['wall_time_seconds']} s")
+    show("  " + json.dumps({k: round(v, 4) for k, v in metrics.test_numbers().items()}))
+    t = metrics.training
+    show(f"  {t.steps} steps, {t.samples_per_second} samples/s, wall time {t.wall_time_seconds} s")
     if code != 0:
         return code
     from finetune.server.serving import start_in_thread

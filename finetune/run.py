@@ -16,27 +16,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune.artifacts import ExportMetrics
 from finetune.spec import FineTuneJob, load_job
 
 log = logging.getLogger(__name__)
 EXIT_REJECTED = 3
 
 
-def flat_test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.get("test", {}).items() if isinstance(v, int | float)}
-
-
-def train_and_gate(job_file: str, output: Path, processes: int) -> tuple[FineTuneJob, int, dict[str, Any]]:
-    """Train, then apply spec.promotion; returns the job, an exit code and the metrics."""
+def train_and_gate(job_file: str, output: Path, processes: int,
+                   force: bool = False) -> tuple[FineTuneJob, int, ExportMetrics | None]:
+    """Train, then apply spec.promotion; returns the job, an exit code and the export's metrics."""
     from finetune.operator.gate import evaluate_gate
     from finetune.trainer.cli import run_training
 
     job = load_job(job_file)
-    code = run_training(job_file, str(output), processes)
+    code = run_training(job_file, str(output), processes, force=force)
     if code != 0:
-        return job, code, {}
-    metrics = json.loads((output / "metrics.json").read_text())
-    decision = evaluate_gate(job.spec.promotion, metrics["headline_metric"], flat_test_metrics(metrics))
+        return job, code, None
+    metrics = ExportMetrics.in_folder(output)
+    decision = evaluate_gate(job.spec.promotion, metrics.headline_metric, metrics.test_numbers())
     log.info("quality gate: %s", decision.reason)
     if not decision.ok:
         sys.stderr.write(f"finetune run: rejected by the quality gate: {decision.reason}\n")
@@ -45,20 +43,20 @@ def train_and_gate(job_file: str, output: Path, processes: int) -> tuple[FineTun
 
 
 def server_settings(job: FineTuneJob, model_dir: Path, host: str, port: int) -> Any:
+    """The server as the operator's Deployment runs it (same `serving` mapping), on this machine."""
     from finetune.server.settings import ServerSettings
 
-    s = job.spec.serving
     return ServerSettings(model_dir=model_dir, host=host, port=port, name=job.metadata.name,
-                          max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms)
+                          **job.spec.serving.server_settings())
 
 
 def _run(args: argparse.Namespace) -> int:
     job = load_job(args.file)
     output = Path(args.output or Path("runs") / job.metadata.name)
-    job, code, metrics = train_and_gate(args.file, output, args.processes)
-    if code != 0:
+    job, code, metrics = train_and_gate(args.file, output, args.processes, args.force)
+    if code != 0 or metrics is None:
         return code
-    test = flat_test_metrics(metrics)
+    test = metrics.test_numbers()
     sys.stdout.write(f"test metrics: {json.dumps({k: round(v, 4) for k, v in test.items()})}\n")
     if args.no_serve or not job.spec.serving.enabled:
         sys.stdout.write(f"model exported to {output}\n")
@@ -80,4 +78,6 @@ def register(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on")
     p.add_argument("--port", type=int, default=8080, help="port to serve on")
     p.add_argument("--no-serve", action="store_true", help="stop after training and the quality gate")
+    p.add_argument("--force", action="store_true",
+                   help="train from scratch even when --output holds checkpoints or a finished model")
     p.set_defaults(func=_run)

@@ -34,6 +34,9 @@ FORMAT_BY_SUFFIX: dict[str, DataFormat] = {
 
 
 LOWER_IS_BETTER = ("loss", "perplexity", "error")
+CLASSIFICATION_METRICS = ("accuracy", "f1", "precision", "recall")
+CAUSAL_VALIDATION_METRICS = ("loss", "perplexity")
+GENERATION_METRICS = ("rougeL", "bleu", "exact_match")
 
 
 def lower_is_better(metric: str) -> bool:
@@ -86,9 +89,18 @@ class Cleaning(Model):
 
     strip_urls: bool = Field(False, description="Remove http(s) and www links from the text.")
     strip_html: bool = Field(False, description="Remove HTML tags and unescape entities.")
-    normalize_whitespace: bool = Field(True, description="Collapse runs of white space; trim the ends.")
+    normalize_whitespace: bool | None = Field(
+        None, description="Collapse runs of white space and trim the ends. Default: on for text-classification; "
+        "off for causal-lm, whose prompt templates and completions' leading spaces are part of what is learned.",
+    )
     drop_empty: bool = Field(True, description="Drop rows whose text is empty after cleaning.")
     drop_duplicates: bool = Field(False, description="Drop rows whose text (and label) repeat an earlier row.")
+
+    def for_task(self, task: Task) -> Cleaning:
+        """The steps that run for `task`: unset options take the task's default."""
+        if self.normalize_whitespace is not None:
+            return self
+        return self.model_copy(update={"normalize_whitespace": task == "text-classification"})
 
 
 class Split(Model):
@@ -169,7 +181,8 @@ class Training(Model):
     max_length: int = Field(128, ge=8, le=32768, description="Tokens per example; longer inputs are truncated.")
     seed: int = Field(42, description="Seed for weights, shuffling and dropout.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 where the GPU or CPU supports it natively, else fp16 on GPUs, fp32 on CPUs."
+        "auto", description="auto: bf16 on GPUs that support it, else fp16 on GPUs; fp32 on CPUs (bf16 autocast "
+        "collapses on a CPU shared with other work)."
     )
     eval_steps: int | None = Field(None, ge=1, description="Validate every N steps; once per epoch when absent.")
     checkpoint_steps: int = Field(200, ge=1, description="Save a resumable checkpoint every N steps.")
@@ -253,6 +266,11 @@ class Serving(Model):
     )
     auth_secret_name: str | None = Field(None, description="Secret whose key 'token' guards the inference routes.")
 
+    def server_settings(self) -> dict[str, Any]:
+        """These fields as `finetune serve` settings (ServerSettings field names): the one mapping that the
+        operator's Deployment (as FINETUNE_SERVE_* variables) and `finetune run` both use."""
+        return {"max_batch_size": self.max_batch_size, "max_wait_ms": self.max_wait_ms, "precision": self.precision}
+
 
 class Promotion(Model):
     """The quality gate between evaluation and serving."""
@@ -275,6 +293,10 @@ class Export(Model):
     """What the trainer writes at the end."""
 
     merge_adapters: bool = Field(True, description="lora: also write a merged model that loads without peft.")
+    keep_checkpoints: bool = Field(
+        False, description="Keep the step checkpoints and checkpoints/best after a successful export (they "
+        "hold the optimizer state: several times the model's size).",
+    )
 
 
 class FineTuneJobSpec(Model):
@@ -304,6 +326,33 @@ class FineTuneJobSpec(Model):
             if len(given) > 1:
                 raise ValueError("spec.dataset: set promptColumn or messagesColumn, not both")
         return self
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> FineTuneJobSpec:
+        """A metric name the task never produces would only be found after training, as a gate rejection."""
+        checks = (("training.metricForBestModel", self.training.metric_for_best_model, self.validation_metrics),
+                  ("promotion.metric", self.promotion.metric, self.test_metrics))
+        for field, name, known in checks:
+            if name is not None and name not in known:
+                hint = (" (generation metrics need completions to compare: dataset.promptColumn or "
+                        "messagesColumn)" if name in GENERATION_METRICS and self.task == "causal-lm" else "")
+                raise ValueError(f"spec.{field}: {self.task} does not produce a metric {name!r}; "
+                                 f"use one of {', '.join(known)}{hint}")
+        return self
+
+    @property
+    def validation_metrics(self) -> tuple[str, ...]:
+        """What the trainer measures on the validation split (metricForBestModel picks among them)."""
+        return CLASSIFICATION_METRICS if self.task == "text-classification" else CAUSAL_VALIDATION_METRICS
+
+    @property
+    def test_metrics(self) -> tuple[str, ...]:
+        """The test metrics a run of this spec reports (what the quality gate can look at)."""
+        if self.task == "text-classification":
+            return CLASSIFICATION_METRICS
+        d = self.dataset
+        generates = bool(d.prompt_column or d.messages_column)
+        return CAUSAL_VALIDATION_METRICS + (GENERATION_METRICS if generates else ())
 
     @property
     def headline_metric(self) -> str:
@@ -339,7 +388,7 @@ def format_validation_error(err: ValidationError, prefix: str = "spec") -> str:
         where = ".".join(p for p in (prefix, loc) if p)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "literal_error":
-            msg = f"got {e['input']!r}; {msg.lower()}"
+            msg = f"got {e['input']!r}; {msg[:1].lower()}{msg[1:]}"
         elif e["type"] == "extra_forbidden":
             msg = "unknown field"
         if msg.startswith("spec."):

@@ -61,9 +61,8 @@ def _server_container(job: api.FineTuneJob, model_path: str, image: str) -> JSON
         {"name": "HF_HOME", "value": f"{WORKSPACE}/.cache/huggingface"},
         {"name": "HOME", "value": "/tmp"},
         # `finetune serve` reads every setting from FINETUNE_SERVE_<NAME> as well as from its flags.
-        {"name": "FINETUNE_SERVE_MAX_BATCH_SIZE", "value": str(serving.max_batch_size)},
-        {"name": "FINETUNE_SERVE_MAX_WAIT_MS", "value": f"{serving.max_wait_ms:g}"},
-        {"name": "FINETUNE_SERVE_PRECISION", "value": serving.precision},
+        *({"name": f"FINETUNE_SERVE_{key.upper()}", "value": f"{value:g}" if isinstance(value, float) else str(value)}
+          for key, value in serving.server_settings().items()),
     ]
     mounts: list[JSON] = [{"name": "workspace", "mountPath": WORKSPACE}, {"name": "tmp", "mountPath": "/tmp"}]
     if serving.auth_secret_name:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.server.model_runner import read_json
+from finetune import artifacts
 
 FEATURES = ("input_length", "predicted_label")
 _ALPHA = 0.5  # additive smoothing for live counts (Jeffreys prior)
@@ -36,16 +36,15 @@ class Baseline:
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> Baseline | None:
-        data = read_json(model_dir / "baseline.json")
-        lengths = data.get("input_length") or {}
-        edges = [float(e) for e in lengths.get("edges") or []]
-        fractions = [float(f) for f in lengths.get("fractions") or []]
+        written = artifacts.Baseline.in_folder(model_dir)
+        if written is None:
+            return None
+        edges, fractions = written.input_length.edges, written.input_length.fractions
         if len(edges) != len(fractions) + 1:
             edges, fractions = [], []
-        labels = {str(k): float(v) for k, v in (data.get("label_distribution") or {}).items()}
-        if not fractions and not labels:
+        if not fractions and not written.label_distribution:
             return None
-        return cls(labels, edges, fractions)
+        return cls(written.label_distribution, edges, fractions)
 
 
 def psi(expected: Sequence[float], counts: Sequence[int]) -> float:

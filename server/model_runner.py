@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from finetune.hardware import cpu_has_bf16
+from finetune.artifacts import ArtifactError, ExportMetrics
+from finetune.hardware import available_cpus, cpu_has_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +79,16 @@ def read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def read_export_metrics(model_dir: Path) -> ExportMetrics | None:
+    """The export's metrics.json; None for a model folder without one (any from_pretrained folder serves)."""
+    if not (model_dir / "metrics.json").exists():
+        return None
+    try:
+        return ExportMetrics.in_folder(model_dir)
+    except ArtifactError as err:
+        raise ModelLoadError(str(err)) from None
+
+
 def content_hash(model_dir: Path) -> str:
     """Hash of the weight files, for exports whose metrics.json lacks model_version."""
     digest = hashlib.sha256()
@@ -91,28 +100,15 @@ def content_hash(model_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def available_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 quota (a pod's CPU limit)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cpus
-
-
 def default_torch_threads() -> int:
     """torch's own default counts the host's cores; in a pod with a CPU limit of 2 on a 64-core node that
     means 64 spinning OpenMP threads fighting over 2 CPUs. Use the CPUs this process may actually use."""
     return available_cpus()
 
 
-def detect_task(metrics: dict[str, Any], config: dict[str, Any]) -> Task:
-    task = metrics.get("task")
-    if task in ("text-classification", "causal-lm"):
-        return task  # type: ignore[no-any-return]
+def detect_task(metrics: ExportMetrics | None, config: dict[str, Any]) -> Task:
+    if metrics is not None:
+        return metrics.task
     architectures = " ".join(config.get("architectures") or [])
     if "SequenceClassification" in architectures:
         return "text-classification"
@@ -130,12 +126,12 @@ class ModelRunner:
         if not (model_dir / "config.json").is_file():
             raise ModelLoadError(f"{model_dir} has no config.json: not an exported model directory")
         self.model_dir = model_dir
-        self.metrics = read_json(model_dir / "metrics.json")
+        self.metrics = read_export_metrics(model_dir)
         self.config = read_json(model_dir / "config.json")
         self.task: Task = detect_task(self.metrics, self.config)
-        self.name: str = name or str(self.metrics.get("name") or model_dir.resolve().name)
+        self.name: str = name or (self.metrics.name if self.metrics else model_dir.resolve().name)
         # Hashing the weights can take seconds on a large model: done in load(), not here.
-        self.version: str = str(self.metrics.get("model_version") or "")
+        self.version: str = self.metrics.model_version if self.metrics else ""
         self._max_length_override = max_length
         self.precision = precision
         self._bf16 = False
@@ -203,8 +199,7 @@ class ModelRunner:
 
     def _tested_in_bf16(self) -> bool:
         """The trainer evaluated this export under bf16 autocast: serving in bf16 reproduces the test metrics."""
-        training = self.metrics.get("training")
-        return isinstance(training, dict) and training.get("mixed_precision") == "bf16"
+        return self.metrics is not None and self.metrics.training.mixed_precision == "bf16"
 
     def _declared_limits(self) -> list[int]:
         """Token limits known before loading: --max-length and the model's positions (config.json)."""

@@ -36,12 +36,26 @@ class EncodeReport:
 
     total: int = 0
     prompt_truncated: int = 0  # prompts (or chat history) cut from the left to fit max_length
-    dropped: int = 0  # examples whose completion alone does not fit, or with nothing to learn
+    too_long: int = 0  # examples whose completion (last assistant turn) alone does not fit
+    nothing_to_learn: int = 0  # chats without an assistant turn, one-token texts
     split: int = 0  # `text` examples cut into several max_length pieces
 
+    @property
+    def dropped(self) -> int:
+        return self.too_long + self.nothing_to_learn
+
     def as_dict(self) -> dict[str, int]:
-        return {"total": self.total, "prompt_truncated": self.prompt_truncated,
-                "dropped": self.dropped, "split": self.split}
+        return {"total": self.total, "prompt_truncated": self.prompt_truncated, "dropped": self.dropped,
+                "too_long": self.too_long, "nothing_to_learn": self.nothing_to_learn, "split": self.split}
+
+    def why_none_left(self, split: str, max_length: int) -> str:
+        """Why no example of `split` is left, as an actionable message."""
+        if self.too_long >= self.nothing_to_learn:
+            return (f"training.maxLength {max_length}: no {split} example fits ({self.too_long} of {self.total} "
+                    "have a completion longer than that alone); raise training.maxLength or shorten the data")
+        return (f"dataset: no {split} example has anything to learn ({self.nothing_to_learn} of {self.total} "
+                "are chats without an assistant turn, or texts of a single token); the loss is only on "
+                "assistant turns, so each conversation needs at least one")
 
 
 @dataclass
@@ -107,7 +121,7 @@ def _encode_prompt_completion(
             p = p[:-1]
         fitted = _fit(p, c, max_length, keep_first=bool(p) and p[0] == bos)
         if fitted is None:
-            report.dropped += 1
+            report.too_long += 1
             continue
         report.prompt_truncated += len(fitted) < len(p)
         out.append({"input_ids": fitted + c, "labels": [IGNORE_INDEX] * len(fitted) + c})
@@ -162,7 +176,7 @@ def _encode_messages(df: pd.DataFrame, tokenizer: Any, max_length: int, report: 
     for row, raw in enumerate(df["messages"]):
         segments = chat_segments(tokenizer, check_messages(raw, row))
         if not segments:  # no assistant turn: nothing to learn
-            report.dropped += 1
+            report.nothing_to_learn += 1
             continue
         ids: list[int] = []
         labels: list[int] = []
@@ -178,13 +192,13 @@ def _encode_messages(df: pd.DataFrame, tokenizer: Any, max_length: int, report: 
             keep += 1
         head = _fit(ids[:-keep], ids[-keep:], max_length, keep_first=False)
         if head is None:
-            report.dropped += 1
+            report.too_long += 1
             continue
         cut = len(ids) - keep - len(head)
         report.prompt_truncated += cut > 0
         ids, labels = ids[cut:], labels[cut:]
         if all(label == IGNORE_INDEX for label in labels):
-            report.dropped += 1
+            report.too_long += 1
             continue
         out.append({"input_ids": ids, "labels": labels})
     return out
@@ -196,7 +210,7 @@ def _encode_text(df: pd.DataFrame, tokenizer: Any, max_length: int, report: Enco
     for text in df["text"]:
         ids = [*_ids(tokenizer, str(text), special=True), eos]
         if len(ids) < 2:  # a lone token has no next token to predict
-            report.dropped += 1
+            report.nothing_to_learn += 1
             continue
         pieces = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
         pieces = [p for p in pieces if len(p) >= 2]

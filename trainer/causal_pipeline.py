@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finetune.artifacts import ExportMetrics
 from finetune.spec import FineTuneJob, lower_is_better
 from finetune.trainer import checkpoint as ckpt
 from finetune.trainer.batching import eval_batches
@@ -60,18 +61,18 @@ def token_loss(accelerator: Any, model: Any, features: list[Feature], collate: A
     return {"loss": loss, "perplexity": perplexity(loss)}
 
 
-def train_causal_lm(job: FineTuneJob, output: Path, accelerator: Any) -> dict[str, Any]:
-    """Fine-tune, evaluate and export a causal LM; returns the metrics written to metrics.json."""
+def train_causal_lm(job: FineTuneJob, output: Path, accelerator: Any) -> ExportMetrics | None:
+    """Fine-tune, evaluate and export a causal LM; returns metrics.json on the main process, else None."""
     spec, cfg = job.spec, job.spec.training
     started = time.time()
     data = prepare_data(spec)
     tokenizer = prepare_tokenizer(load_tokenizer(spec.model))
     train_f, report = encode_causal(data.train, tokenizer, cfg.max_length)
-    val_f, _ = encode_causal(data.validation, tokenizer, cfg.max_length)
+    val_f, val_report = encode_causal(data.validation, tokenizer, cfg.max_length)
     test_f, _ = encode_causal(data.test, tokenizer, cfg.max_length)
-    if not train_f or not val_f:
-        raise DataError(f"training.maxLength {cfg.max_length}: no training or validation example fits; "
-                        "raise training.maxLength or shorten the data")
+    for split, features, split_report in (("training", train_f, report), ("validation", val_f, val_report)):
+        if not features:
+            raise DataError(split_report.why_none_left(split, cfg.max_length))
     lora = cfg.method == "lora"
     model = load_causal_model(spec.model)
     if lora:
@@ -101,20 +102,22 @@ def train_causal_lm(job: FineTuneJob, output: Path, accelerator: Any) -> dict[st
     if (best_dir / "model.safetensors").exists():
         load_weights(net, best_dir, trainable_only=lora)
     test = token_loss(accelerator, net, test_f, collate) if test_f else {}
-    metrics: dict[str, Any] = {}
+    metrics = None
     if accelerator.is_main_process:
         examples = generation_examples(data.test, tokenizer, cfg.max_length, spec.evaluation.max_test_samples)
-        scores, samples = generate_and_score(net, tokenizer, examples, spec.evaluation.max_new_tokens)
-        write_samples(output / "samples.jsonl", samples)
-        test.update(scores)
-        test["support"] = len(examples)
+        if examples:  # plain text has no completions to compare generations with
+            scores, samples = generate_and_score(net, tokenizer, examples, spec.evaluation.max_new_tokens)
+            write_samples(output / "samples.jsonl", samples)
+            test.update(scores)
+        test["support"] = len(test_f)
+        test["generation_support"] = len(examples)
         version = save_pretrained_atomic(
             net, tokenizer, output,
             write=(lambda tmp: export_lora(net, tokenizer, tmp, spec.export.merge_adapters)) if lora else None,
         )
         data_report = {**data.report, "tokenization": report.as_dict()}
         metrics = metrics_document(job, version, test, data_report, state, accelerator)
-        metrics["training"]["wall_time_seconds"] = round(time.time() - started, 2)
+        metrics.training.wall_time_seconds = round(time.time() - started, 2)
         prompt_lengths = [len(e.prompt_ids) for e in generation_examples(data.train, tokenizer, cfg.max_length)]
         finish_export(output, metrics, baseline_stats(spec.task, prompt_lengths or lengths, None))
         reporter.finished()

@@ -39,6 +39,7 @@ class TrainState:
     train_seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from_step: int = 0  # the checkpoint this process started from; 0 = a fresh start
+    training_hash: str | None = None  # the run identity that made it (finetune.trainer.identity)
 
 
 def checkpoint_root(output: Path) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -36,11 +37,15 @@ from finetune.contracts import (
     FirstFailure,
     RankOutcome,
     TerminationMessage,
+    TransientError,
     one_line,
 )
 from finetune.spec import SpecError, load_job
+from finetune.trainer.identity import TRAINING_HASH_ENV, Start, decide_start
+from finetune.trainer.lock import output_lock
 
 log = logging.getLogger(__name__)
+STOP_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -91,12 +96,20 @@ def launch_command(job_file: str, output: str, world: World) -> list[str]:
 
 
 def thread_count(processes: int) -> str:
-    """The user's OMP_NUM_THREADS, else the pod's CPU limit (FINETUNE_CPUS) or this machine's cores, shared."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return os.environ["OMP_NUM_THREADS"]
+    """Threads per training process: the pod's CPUs (cgroup quota and cpuset, or FINETUNE_CPUS, the
+    limit the operator passes down) shared between the processes, never more than the user's
+    OMP_NUM_THREADS when it is set."""
+    from finetune.hardware import available_cpus
+
+    total = available_cpus()
     cpus = os.environ.get("FINETUNE_CPUS", "")
-    total = int(cpus) if cpus.isdigit() and int(cpus) > 0 else (os.cpu_count() or 1)
-    return str(max(1, total // processes))
+    if cpus.isdigit() and int(cpus) > 0:
+        total = min(total, int(cpus))
+    threads = max(1, total // processes)
+    user = os.environ.get("OMP_NUM_THREADS", "")
+    if user.isdigit() and int(user) > 0:
+        threads = min(threads, int(user))
+    return str(threads)
 
 
 def _die_with_parent() -> None:
@@ -132,8 +145,9 @@ def run_child(command: list[str], env: dict[str, str], capture: bool) -> tuple[i
     """Run the trainer process(es); SIGTERM/SIGINT go on to them. Returns the exit code and the log tail."""
     preexec: Callable[[], None] | None = _die_with_parent if sys.platform.startswith("linux") else None
     out = subprocess.PIPE if capture else None
+    # A process group of its own: a terminal's Ctrl-C reaches it once, forwarded below, not twice.
     proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT if capture else None,
-                            preexec_fn=preexec)
+                            preexec_fn=preexec, process_group=0)
     tail = Tail(proc.stdout) if capture and proc.stdout is not None else None
     forward = {sig: signal.signal(sig, lambda s, _f: proc.send_signal(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -167,6 +181,11 @@ def decide(outcomes: list[RankOutcome], first: FirstFailure | None, child_code: 
     if permanent:
         return TerminationMessage(exit_code=EXIT_PERMANENT, permanent=True, message=permanent[0].message,
                                   failed_rank=permanent[0].rank, **base)
+    stopped = [o for o in mine.values() if o.exit_code in STOP_EXIT_CODES]
+    first_stopped = first is not None and first.kind == "rank" and first.rank in {o.rank for o in stopped}
+    if stopped and (first is None or first.kind == "signal" or first_stopped):
+        # Stopped at a step boundary with a checkpoint (SIGTERM, Ctrl-C): their own words say where.
+        return TerminationMessage(exit_code=stopped[0].exit_code, message=stopped[0].message, **base)
     if first is not None and first.kind == "signal":
         return TerminationMessage(exit_code=128 - first.exit_code if first.exit_code < 0 else 143, **base,
                                   message=f"{first.message} before training finished (the pod was deleted or "
@@ -211,22 +230,57 @@ def write_termination_log(path: str, message: TerminationMessage) -> None:
         log.warning("could not write the termination message to %s: %s", path, err)
 
 
+def output_folder(output: str) -> Path:
+    """The output folder, created; a SpecError when it cannot be one."""
+    folder = Path(output)
+    if folder.exists() and not folder.is_dir():
+        raise SpecError(f"--output {output} is a file; give a folder for checkpoints and the exported model")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecError(f"--output {output}: cannot create the folder: {err.strerror}") from None
+    return folder
+
+
 def run_training(job_file: str, output: str, processes: int, world: World | None = None,
-                 termination_log: str | None = None) -> int:
-    """Validate the job here (one readable error instead of N), then start the trainer process(es)."""
+                 termination_log: str | None = None, force: bool = False) -> int:
+    """Validate the job here (one readable error instead of N), check what the output folder holds, then
+    start the trainer process(es). Node 0 holds the folder's lock for the whole run."""
     world = world or World(processes=processes)
     try:
-        load_job(job_file)
+        job = load_job(job_file)
+        folder = output_folder(output)
+        with output_lock(folder) if world.node_rank == 0 else contextlib.nullcontext():
+            start = decide_start(job, folder, world.size, force, record=world.node_rank == 0)
+            if start.action == "done":
+                return finish(already_trained(folder, start, world), termination_log)
+            message = train_processes(job_file, output, world, start, capture=termination_log is not None)
     except SpecError as err:
-        return finish(TerminationMessage(exit_code=EXIT_PERMANENT, permanent=True, message=one_line(str(err)),
-                                         node_rank=world.node_rank), termination_log)
+        message = TerminationMessage(exit_code=EXIT_PERMANENT, permanent=True, message=one_line(str(err)),
+                                     node_rank=world.node_rank)
+    except TransientError as err:
+        message = TerminationMessage(exit_code=EXIT_TRANSIENT, message=one_line(str(err)), node_rank=world.node_rank)
+    return finish(message, termination_log)
+
+
+def already_trained(folder: Path, start: Start, world: World) -> TerminationMessage:
+    """A finished export of this very job: report its result instead of training again."""
+    from finetune.trainer.entry import trainer_result
+
+    line = (f"already trained: {folder} holds this job's finished model (metrics.json); nothing to do "
+            "(--force trains it again from scratch)")
+    sys.stderr.write(f"finetune train: {line}\n")
+    result = trainer_result(folder, start.metrics) if world.node_rank == 0 and start.metrics else None
+    return TerminationMessage(exit_code=0, message=line, node_rank=world.node_rank, result=result)
+
+
+def train_processes(job_file: str, output: str, world: World, start: Start, capture: bool) -> TerminationMessage:
     with tempfile.TemporaryDirectory(prefix="finetune-outcomes-") as outcomes:
         env = {**os.environ, "OMP_NUM_THREADS": thread_count(world.processes), "FINETUNE_OUTCOME_DIR": outcomes,
-               "FINETUNE_LAUNCHER_PID": str(os.getpid())}
-        code, tail = run_child(launch_command(job_file, output, world), env, capture=termination_log is not None)
+               "FINETUNE_LAUNCHER_PID": str(os.getpid()), TRAINING_HASH_ENV: start.training_hash}
+        code, tail = run_child(launch_command(job_file, output, world), env, capture=capture)
         folder = Path(outcomes)
-        message = decide(RankOutcome.read_all(folder), read_first_failure(folder), code, world, tail)
-    return finish(message, termination_log)
+        return decide(RankOutcome.read_all(folder), read_first_failure(folder), code, world, tail)
 
 
 def finish(message: TerminationMessage, termination_log: str | None) -> int:
@@ -240,16 +294,11 @@ def finish(message: TerminationMessage, termination_log: str | None) -> int:
 def _train(args: argparse.Namespace) -> int:
     try:
         world = parse_world(args.nodes, args.node_rank, args.processes, args.rendezvous)
-        output = Path(args.output)
-        if output.exists() and not output.is_dir():
-            raise SpecError(f"--output {output} is a file; give a folder for checkpoints and the exported model")
-        output.mkdir(parents=True, exist_ok=True)
-    except (SpecError, OSError) as err:
+    except SpecError as err:
         rank = int(args.node_rank) if str(args.node_rank).isdigit() else 0
-        text = one_line(str(err) if isinstance(err, SpecError) else f"--output {args.output}: {err.strerror}")
-        return finish(TerminationMessage(exit_code=EXIT_PERMANENT, permanent=True, message=text, node_rank=rank),
-                      args.termination_log)
-    return run_training(args.file, args.output, args.processes, world, args.termination_log)
+        return finish(TerminationMessage(exit_code=EXIT_PERMANENT, permanent=True, message=one_line(str(err)),
+                                         node_rank=rank), args.termination_log)
+    return run_training(args.file, args.output, args.processes, world, args.termination_log, args.force)
 
 
 def register(sub: Any) -> None:
@@ -261,4 +310,6 @@ def register(sub: Any) -> None:
     p.add_argument("--node-rank", default="0", help="this machine's index, 0 to nodes-1; default 0")
     p.add_argument("--rendezvous", help="HOST:PORT of node 0, where the ranks meet (with --nodes > 1)")
     p.add_argument("--termination-log", help="write the result or the error here as JSON (a pod's termination log)")
+    p.add_argument("--force", action="store_true",
+                   help="train from scratch even when --output holds checkpoints or a finished model")
     p.set_defaults(func=_train)

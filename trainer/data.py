@@ -45,7 +45,8 @@ class DataError(SpecError):
 class PreparedData:
     """The three splits with normalized columns, plus what happened to the data on the way.
 
-    `report` keys: files, rows_read (per file read), cleaning (rows removed per step, per file),
+    `report` keys: files, rows_read (per file read), cleaning_steps (the steps that ran), cleaning (rows
+    removed per step, per file),
     cleaning_rows_changed (rows rewritten per text step), max_samples (before/after, when it capped),
     split_from_train ({split: stratified?} for the splits cut from train), split (final sizes),
     label_names and label_counts ({split: {label name: rows}}) for classification.
@@ -58,13 +59,32 @@ class PreparedData:
     report: dict[str, Any]  # rows read, rows removed per cleaning step, split sizes, label counts
 
 
-def read_table(path: str, fmt: DataFormat, field: str = "dataset.train.path") -> pd.DataFrame:
-    """Read one data file into a frame; any failure is a DataError naming `field` and the file."""
+def check_file(path: str, field: str) -> Path:
+    """The data file, or a DataError saying why it cannot be one (before its format is looked at)."""
     file = Path(path)
     if not file.exists():
         raise DataError(f"{field}: file {path} does not exist")
+    if file.is_dir():
+        raise DataError(f"{field}: {path} is a folder; point at one data file inside it (csv, tsv, jsonl, parquet)")
     if not file.is_file():
-        raise DataError(f"{field}: {path} is not a file")
+        raise DataError(f"{field}: {path} is not a regular file")
+    return file
+
+
+def first_bad_utf8(file: Path) -> tuple[int, int, str]:
+    """Line, byte within that line (both from 1) and reason of the first byte that is not UTF-8."""
+    with file.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return number, err.start + 1, err.reason
+    return 0, 0, "unknown"
+
+
+def read_table(path: str, fmt: DataFormat, field: str = "dataset.train.path") -> pd.DataFrame:
+    """Read one data file into a frame; any failure is a DataError naming `field` and the file."""
+    file = check_file(path, field)
     try:
         if fmt in ("csv", "tsv"):
             # TSV is read with quoting off: SST-2-style sentences contain stray quote characters that
@@ -85,8 +105,11 @@ def read_table(path: str, fmt: DataFormat, field: str = "dataset.train.path") ->
         raise
     except pd.errors.EmptyDataError:
         raise DataError(f"{field}: file {path} is empty (no header, no rows)") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{field}: file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except UnicodeDecodeError:
+        # The decoder's position is within one of pandas' read buffers; find the line for the message.
+        line, column, reason = first_bad_utf8(file)
+        raise DataError(f"{field}: file {path} is not UTF-8 text: line {line}, byte {column} of that line "
+                        f"({reason}); save it as UTF-8") from None
     except Exception as err:  # each parser raises its own types; the message is what the user needs
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"{field}: cannot read {path} as {fmt}: {msg}") from None
@@ -229,7 +252,7 @@ def _clean(
 ) -> tuple[pd.DataFrame, dict[str, int], dict[str, int]]:
     text = _text_columns(frame)
     keys = text + (["label"] if "label" in frame.columns else [])
-    cleaned, removed, changed = clean(frame, spec.dataset.cleaning, text, keys)
+    cleaned, removed, changed = clean(frame, spec.dataset.cleaning.for_task(spec.task), text, keys)
     for step, count in removed.items():
         extra = f", {changed[step]} rows changed" if step in changed else ""
         log.info("%s: cleaning step %s removed %d rows%s", split, step, count, extra)
@@ -265,6 +288,48 @@ def _split_off(
         ) from None
 
 
+MIN_TRAIN_ROWS_PER_CLASS = 5
+# A label column with more distinct values than this share of its rows (and more than a few dozen
+# classes) holds free text or ids, not classes: most likely the text and label columns are swapped.
+MAX_CLASS_SHARE, MIN_SUSPICIOUS_CLASSES = 0.5, 20
+
+
+def check_label_set(names: list[str], rows: int, spec: FineTuneJobSpec, path: str) -> None:
+    """Refuse label columns that cannot mean classes, and labelNames that name no label."""
+    d = spec.dataset
+    if len(names) < 2:
+        raise DataError(
+            f"dataset.labelColumn: column {d.label_column!r} in {path} has only {len(names)} distinct label "
+            f"({', '.join(names)}); classification needs at least 2"
+        )
+    if len(names) > MIN_SUSPICIOUS_CLASSES and len(names) > MAX_CLASS_SHARE * rows:
+        raise DataError(
+            f"dataset.labelColumn: column {d.label_column!r} in {path} has {len(names)} distinct values in "
+            f"{rows} rows, which is free text or ids rather than classes; are dataset.textColumn "
+            f"({d.text_column!r}) and dataset.labelColumn swapped?"
+        )
+    unknown = sorted(set(d.label_names) - set(names))
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:10])
+        raise DataError(
+            f"dataset.labelNames: {shown} name no label of column {d.label_column!r} in {path}; "
+            f"its labels are: {', '.join(names[:20])}"
+        )
+
+
+def check_training_rows_per_class(counts: dict[str, int], path: str, split_from_train: bool) -> None:
+    """Every class needs a few training rows, or the model can never learn it (and its test figures lie)."""
+    scarce = {name: n for name, n in counts.items() if n < MIN_TRAIN_ROWS_PER_CLASS}
+    if not scarce:
+        return
+    shown = ", ".join(f"{name!r} ({n})" for name, n in list(scarce.items())[:10])
+    where = " after the validation and test rows were split off" if split_from_train else ""
+    raise DataError(
+        f"dataset.labelColumn: classes with fewer than {MIN_TRAIN_ROWS_PER_CLASS} training rows{where} in "
+        f"{path}: {shown}; add rows of these classes, or merge or remove them"
+    )
+
+
 def _encode(frame: pd.DataFrame, names: list[str], split: str, path: str) -> pd.DataFrame:
     ids = {n: i for i, n in enumerate(names)}
     unseen = sorted(set(frame["label"]) - ids.keys())
@@ -295,13 +360,17 @@ def prepare_data(spec: FineTuneJobSpec) -> PreparedData:
                 f"dataset.split.{name}Fraction is 0 and dataset.{name}.path is not set: a {name} set is "
                 f"required; set dataset.{name}.path or dataset.split.{name}Fraction (e.g. 0.1)"
             )
-    report: dict[str, Any] = {"files": {}, "rows_read": {}, "cleaning": {}, "cleaning_rows_changed": {}}
+    report: dict[str, Any] = {
+        "files": {}, "rows_read": {}, "cleaning": {}, "cleaning_rows_changed": {},
+        "cleaning_steps": [step for step, on in d.cleaning.for_task(spec.task).model_dump().items() if on],
+    }
     frames: dict[str, pd.DataFrame] = {}
     paths: dict[str, str] = {}
     for name, file in files.items():
         if file is None:
             continue
         paths[name] = file.path
+        check_file(file.path, f"dataset.{name}.path")
         raw = read_table(file.path, d.format_of(file.path), field=f"dataset.{name}.path")
         report["files"][name] = file.path
         report["rows_read"][name] = len(raw)
@@ -321,11 +390,7 @@ def prepare_data(spec: FineTuneJobSpec) -> PreparedData:
     label_names: list[str] | None = None
     if classify:
         label_names = _sort_names(set(train["label"]))
-        if len(label_names) < 2:
-            raise DataError(
-                f"dataset.labelColumn: column {d.label_column!r} in {paths['train']} has only "
-                f"{len(label_names)} distinct label ({', '.join(label_names)}); classification needs at least 2"
-            )
+        check_label_set(label_names, len(train), spec, paths["train"])
         train = _encode(train, label_names, "train", paths["train"])
         for name in ("validation", "test"):
             if name in frames:
@@ -348,9 +413,5 @@ def prepare_data(spec: FineTuneJobSpec) -> PreparedData:
     if label_names is not None:
         report["label_names"] = label_names
         report["label_counts"] = {name: _label_counts(frames[name], label_names) for name in SPLITS}
-        if train["label"].nunique() < 2:
-            raise DataError(
-                f"dataset.labelColumn: after splitting, the training rows of {paths['train']} hold only one "
-                f"class; add rows of the other classes or lower dataset.split fractions"
-            )
+        check_training_rows_per_class(report["label_counts"]["train"], paths["train"], bool(stratified))
     return PreparedData(frames["train"], frames["validation"], frames["test"], label_names, report)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune.artifacts import ExportMetrics
 from finetune.contracts import (
     EXIT_PEER_LOST,
     EXIT_PERMANENT,
@@ -27,7 +28,7 @@ from finetune.contracts import (
     TransientError,
     one_line,
 )
-from finetune.hardware import cpu_has_bf16
+from finetune.hardware import available_cpus
 from finetune.spec import FineTuneJob, SpecError, Training, load_job
 
 log = logging.getLogger("finetune.trainer")
@@ -44,9 +45,10 @@ def mixed_precision(cfg: Training) -> str:
         return cfg.precision
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    # CPUs with native bf16 instructions (AVX512-BF16, AMX) run bf16 autocast several times faster
-    # than fp32; the weights and optimizer state stay fp32.
-    return "bf16" if cpu_has_bf16() else "no"
+    # On CPUs, fp32. bf16 autocast is only ~1.2x faster on an idle CPU with native bf16 (AMX), and 5-8x
+    # slower than fp32 on the same job while another process competes for the cores, which is the
+    # normal state of a shared node (README, "Precision on CPUs"). `precision: bf16` still asks for it.
+    return "no"
 
 
 
@@ -62,7 +64,7 @@ def make_accelerator(cfg: Training) -> Any:
     if not torch.cuda.is_available():
         # N processes on one machine share its cores instead of each oversubscribing all of them; the
         # launcher's OMP_NUM_THREADS already says how many (the pod's CPU limit, or the user's choice).
-        threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or (os.cpu_count() or 1) // local_world
+        threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or available_cpus() // local_world
         torch.set_num_threads(max(1, threads))
     # cpu=True is what makes Accelerate form a gloo world from WORLD_SIZE/RANK when there is no GPU;
     # without it every CPU process silently trains alone (world size 1).
@@ -75,7 +77,7 @@ def make_accelerator(cfg: Training) -> Any:
     return accelerator
 
 
-def train(job: FineTuneJob, output: Path) -> dict[str, Any]:
+def train(job: FineTuneJob, output: Path) -> ExportMetrics | None:
     """Run the whole training job in this process (one rank of however many)."""
     accelerator = make_accelerator(job.spec.training)
     if accelerator.is_main_process:
@@ -86,10 +88,26 @@ def train(job: FineTuneJob, output: Path) -> dict[str, Any]:
     if job.spec.task == "text-classification":
         from finetune.trainer.pipeline import train_classifier
 
-        return train_classifier(job, output, accelerator)
-    from finetune.trainer.causal_pipeline import train_causal_lm
+        metrics = train_classifier(job, output, accelerator)
+    else:
+        from finetune.trainer.causal_pipeline import train_causal_lm
 
-    return train_causal_lm(job, output, accelerator)
+        metrics = train_causal_lm(job, output, accelerator)
+    if accelerator.is_main_process and not job.spec.export.keep_checkpoints:
+        remove_checkpoints(output)
+    return metrics
+
+
+def remove_checkpoints(output: Path) -> None:
+    """After the export (every rank is past its last use of them): they only cost space now."""
+    import shutil
+
+    from finetune.trainer.checkpoint import checkpoint_root
+
+    root = checkpoint_root(output)
+    if root.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        log.info("removed the checkpoints in %s (export.keepCheckpoints keeps them)", root)
 
 
 def quiet_libraries() -> None:
@@ -176,23 +194,29 @@ def say(line: str) -> None:
         sys.stderr.write(line + "\n")
 
 
-def trainer_result(output: Path, metrics: dict[str, Any]) -> TrainerResult:
-    training = metrics.get("training", {})
+def trainer_result(output: Path, metrics: ExportMetrics) -> TrainerResult:
     return TrainerResult(
         model_path=str(output),
-        metrics=metrics.get("test", {}),
-        headline_metric=metrics.get("headline_metric"),
-        world_size=int(training.get("world_size", 1)),
-        steps=int(training.get("steps", 0)),
-        resumed_from_step=int(training.get("resumed_from_step", 0)),
+        metrics=metrics.test_numbers(),
+        headline_metric=metrics.headline_metric,
+        world_size=metrics.training.world_size,
+        steps=metrics.training.steps,
+        resumed_from_step=metrics.training.resumed_from_step,
     )
 
 
 def run(job_file: str, output: Path) -> int:
     """Train; report how it ended, as an exit code and as this rank's outcome."""
+    from finetune.trainer.stopping import Stopped, requested
+
     rank = global_rank()
+    requested.install()
     try:
         metrics = train(load_job(job_file), output)
+    except Stopped as stop:
+        say(f"finetune train: {stop}")
+        leave_outcome(RankOutcome(rank=rank, exit_code=stop.exit_code, message=str(stop)))
+        return stop.exit_code
     except SpecError as err:
         say(f"finetune train: error: {err}")
         leave_outcome(RankOutcome(rank=rank, exit_code=EXIT_PERMANENT, permanent=True, message=one_line(str(err))))
@@ -215,8 +239,7 @@ def run(job_file: str, output: Path) -> int:
     done = f"trained; exported to {output}" if result else "done"
     leave_outcome(RankOutcome(rank=rank, exit_code=0, message=done, result=result))
     if metrics:
-        summary = {k: v for k, v in metrics.get("test", {}).items() if isinstance(v, int | float)}
-        log.info("test metrics: %s", json.dumps(summary))
+        log.info("test metrics: %s", json.dumps(metrics.test_numbers()))
     return 0
 
 

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from finetune.artifacts import BASELINE_FILE, METRICS_FILE, Baseline, ExportMetrics, LengthHistogram
+from finetune.spec import Task
 from finetune.trainer.atomic import fsync_dir, fsync_tree, write_json, write_text
 
 # Token-length bins of the drift baseline; the last edge catches everything longer.
@@ -43,13 +45,13 @@ def length_histogram(lengths: Sequence[int]) -> dict[str, list[float]]:
     return {"edges": [float(e) for e in LENGTH_EDGES], "fractions": [c / total for c in counts]}
 
 
-def baseline_stats(task: str, lengths: Sequence[int], labels: Sequence[str] | None) -> dict[str, Any]:
+def baseline_stats(task: Task, lengths: Sequence[int], labels: Sequence[str] | None) -> Baseline:
     """Training-data statistics the server compares live traffic with (drift)."""
     dist: dict[str, float] = {}
     if labels:
         counts = Counter(labels)
         dist = {k: v / len(labels) for k, v in sorted(counts.items())}
-    return {"task": task, "label_distribution": dist, "input_length": length_histogram(lengths)}
+    return Baseline(task=task, label_distribution=dist, input_length=LengthHistogram(**length_histogram(lengths)))
 
 
 def save_pretrained_atomic(
@@ -80,11 +82,11 @@ def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def finish_export(output: Path, metrics: dict[str, Any], baseline: dict[str, Any]) -> None:
+def finish_export(output: Path, metrics: ExportMetrics, baseline: Baseline) -> None:
     """The last two files; metrics.json marks the export complete."""
-    write_json(output / "baseline.json", baseline)
-    write_json(output / "metrics.json", metrics)
+    write_json(output / BASELINE_FILE, baseline.document())
+    write_json(output / METRICS_FILE, metrics.document())
 
 
 def export_complete(output: Path) -> bool:
-    return (output / "metrics.json").exists() and any((output / f).exists() for f in WEIGHT_FILES)
+    return (output / METRICS_FILE).exists() and any((output / f).exists() for f in WEIGHT_FILES)

@@ -20,6 +20,7 @@ import torch
 from finetune.spec import Training
 from finetune.trainer.batching import epoch_batches
 from finetune.trainer.checkpoint import TrainState, save_checkpoint
+from finetune.trainer.stopping import Stopped, requested
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class TrainLoop:
     def run(self, state: TrainState) -> TrainState:
         """Train from `state` (fresh or resumed) until the planned steps or early stopping."""
         self.model.train()
+        self._stop_if_asked(state, saved=True)
         while state.global_step < self.total and not state.stopped_early:
             batches = self._batches(state.epoch)
             self._run_epoch(state, batches)
@@ -101,10 +103,22 @@ class TrainLoop:
             self.reporter.on_step(state, self.total, loss, self.sched.get_last_lr()[0], self.per_epoch)
             if state.global_step % self.eval_every == 0 or state.global_step == self.total:
                 self._validate(state)
-            if state.global_step % self.cfg.checkpoint_steps == 0 and state.global_step < self.total:
+            saved = state.global_step % self.cfg.checkpoint_steps == 0 and state.global_step < self.total
+            if saved:
                 save_checkpoint(self.acc, self.output, state, self.cfg.checkpoints_kept)
             if state.stopped_early:
                 return
+            if state.global_step < self.total:
+                self._stop_if_asked(state, saved)
+
+    def _stop_if_asked(self, state: TrainState, saved: bool) -> None:
+        """At a step boundary: when any rank got SIGTERM or SIGINT, all save a checkpoint and stop."""
+        signum = requested.agreed(self.acc)
+        if not signum:
+            return
+        if not saved and state.global_step:
+            save_checkpoint(self.acc, self.output, state, self.cfg.checkpoints_kept)
+        raise Stopped(state.global_step, self.total, signum)
 
     def _optimizer_step(self, group: list[list[int]]) -> tuple[float, int, int]:
         """Forward and backward over the micro-batches of one step, then one optimizer step."""

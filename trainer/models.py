@@ -68,8 +68,8 @@ def load_failure(what: str, source: str, err: BaseException) -> SpecError | Tran
         status = getattr(getattr(link, "response", None), "status_code", None)
         if names & set(TRANSIENT_ERRORS) or (isinstance(status, int) and (status >= 500 or status == 429)):
             return TransientError(
-                f"spec.model: cannot reach the model hub for {source!r} (a later attempt may succeed; or "
-                f"copy the model into the volume and set model.path): {' '.join(str(link).split())}"
+                f"network: cannot reach the model hub {hub_address()[0]} for {source!r} (a later attempt may "
+                f"succeed; or copy the model into the volume and set model.path): {' '.join(str(link).split())}"
             )
     return SpecError(f"spec.model: cannot load {what} {source!r}: {' '.join(str(err).split())}")
 
@@ -85,6 +85,47 @@ def check_model_dir(path: str) -> None:
         raise SpecError(f"spec.model.path: {path} holds no config.json (not a from_pretrained folder)")
 
 
+HUB_PROBE_TIMEOUT = 10.0
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_address() -> tuple[str, int]:
+    """Host and port of the model hub (HF_ENDPOINT, else huggingface.co)."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def check_hub_reachable(name: str, revision: str | None) -> None:
+    """Fail fast, as a retryable network error naming the host, when the hub cannot be reached.
+
+    Without this, a cluster without internet access spends about a minute in the hub client's retries
+    before failing. Skipped when the model is in the local cache (it loads without the hub), in
+    offline mode, and behind a proxy (a direct connection says nothing about the proxy's).
+    """
+    import os
+    import socket
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return
+    host, port = hub_address()
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise TransientError(
+            f"network: cannot reach the model hub at {host}:{port} to download {name!r} ({reason}); a later "
+            "attempt may succeed, or copy the model into the volume and set model.path"
+        ) from None
+
+
 def resolve_source(model: ModelSource) -> str:
     """A local directory or hub id that from_pretrained accepts; raises SpecError for a bad path."""
     if model.path:
@@ -95,6 +136,7 @@ def resolve_source(model: ModelSource) -> str:
     if bundled is not None:
         log.info("using the bundled copy of %s at %s", model.name, bundled)
         return str(bundled)
+    check_hub_reachable(model.name, model.revision)
     return model.name
 
 

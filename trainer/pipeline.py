@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune.artifacts import ExportMetrics, TrainingSummary
 from finetune.spec import FineTuneJob, lower_is_better
 from finetune.trainer import checkpoint as ckpt
 from finetune.trainer.batching import eval_batches
@@ -22,6 +24,7 @@ from finetune.trainer.classification import (
 )
 from finetune.trainer.data import prepare_data
 from finetune.trainer.export import baseline_stats, finish_export, save_pretrained_atomic, write_jsonl
+from finetune.trainer.identity import TRAINING_HASH_ENV
 from finetune.trainer.loop import LoopTask, TrainLoop
 from finetune.trainer.models import load_classifier, load_tokenizer
 from finetune.trainer.optim import build_optimizer, build_scheduler, plan_steps
@@ -53,8 +56,8 @@ def predict_scores(accelerator: Any, model: Any, ids: list[list[int]], pad_id: i
     return np.asarray([r[1] for r in ordered], dtype=np.float32).reshape(len(ids), -1)
 
 
-def train_classifier(job: FineTuneJob, output: Path, accelerator: Any) -> dict[str, Any]:
-    """Fine-tune, evaluate and export; returns the metrics written to metrics.json."""
+def train_classifier(job: FineTuneJob, output: Path, accelerator: Any) -> ExportMetrics | None:
+    """Fine-tune, evaluate and export; returns metrics.json on the main process, None on the others."""
     spec, cfg = job.spec, job.spec.training
     started = time.time()
     data = prepare_data(spec)
@@ -100,10 +103,10 @@ def train_classifier(job: FineTuneJob, output: Path, accelerator: Any) -> dict[s
     if (best_dir / "model.safetensors").exists():
         load_weights(net, best_dir)
     scores = predict_scores(accelerator, net, test_ids, pad_id)
-    metrics: dict[str, Any] = {}
+    metrics = None
     if accelerator.is_main_process:
         metrics = export_classifier(job, output, net, tokenizer, data, scores, train_ids, state, accelerator)
-        metrics["training"]["wall_time_seconds"] = round(time.time() - started, 2)
+        metrics.training.wall_time_seconds = round(time.time() - started, 2)
         finish_export(output, metrics, baseline_stats(spec.task, lengths, [names[i] for i in train_labels]))
         reporter.finished()
     accelerator.wait_for_everyone()
@@ -116,7 +119,7 @@ def resume_or_start(accelerator: Any, output: Path) -> ckpt.TrainState:
     accelerator.wait_for_everyone()
     latest = ckpt.latest_checkpoint(output)
     if latest is None:
-        return ckpt.TrainState()
+        return ckpt.TrainState(training_hash=os.environ.get(TRAINING_HASH_ENV))
     state = ckpt.load_checkpoint(accelerator, latest)
     state.resumed_from_step = state.global_step
     log.info("resumed from checkpoint %s (step %d, epoch %d)", latest.name, state.global_step, state.epoch)
@@ -151,11 +154,14 @@ def load_weights(model: Any, folder: Path, trainable_only: bool = False) -> None
 def export_classifier(
     job: FineTuneJob, output: Path, model: Any, tokenizer: Any, data: Any, scores: np.ndarray,
     train_ids: list[list[int]], state: ckpt.TrainState, accelerator: Any,
-) -> dict[str, Any]:
+) -> ExportMetrics:
     spec, names = job.spec, data.label_names
     y_true = data.test["label"].tolist()
     y_pred = scores.argmax(-1).tolist()
     test = classification_metrics(y_true, y_pred, names)
+    if test["classes_absent"]:
+        log.warning("the test split holds no rows of %s: the macro figures average over the other classes",
+                    ", ".join(test["classes_absent"]))
     if spec.evaluation.group_column:
         test["groups"], test["max_group_gap"] = group_metrics(y_true, y_pred, data.test["group"].tolist(), names)
     errors = [
@@ -170,29 +176,30 @@ def export_classifier(
 
 
 def metrics_document(job: FineTuneJob, version: str, test: dict[str, Any], data_report: dict[str, Any],
-                     state: ckpt.TrainState, accelerator: Any) -> dict[str, Any]:
+                     state: ckpt.TrainState, accelerator: Any) -> ExportMetrics:
     """metrics.json as both tasks write it (the export contract the server and operator read)."""
     best = next((h for h in state.history if h["step"] == state.best_step), {})
-    return {
-        "task": job.spec.task,
-        "name": job.metadata.name,
-        "model_version": version,
-        "headline_metric": job.spec.headline_metric,
-        "validation": {k: v for k, v in best.items() if k not in ("step", "epoch")},
-        "test": test,
-        "data": data_report,
-        "training": {
-            "method": job.spec.training.method,
-            "world_size": accelerator.num_processes,
-            "samples_per_second": round(state.samples_seen / max(state.train_seconds, 1e-9), 2),
-            "tokens_per_second": round(state.tokens_seen / max(state.train_seconds, 1e-9), 1),
-            "train_seconds": round(state.train_seconds, 2),
-            "steps": state.global_step,
-            "best_step": state.best_step,
-            "resumed_from_step": state.resumed_from_step,
-            "epochs": state.epoch + (1 if state.batch_in_epoch else 0),
-            "stopped_early": state.stopped_early,
-            "mixed_precision": accelerator.mixed_precision,
-            "history": state.history,
-        },
-    }
+    return ExportMetrics(
+        task=job.spec.task,
+        name=job.metadata.name,
+        model_version=version,
+        headline_metric=job.spec.headline_metric,
+        validation={k: v for k, v in best.items() if k not in ("step", "epoch")},
+        test=test,
+        data=data_report,
+        training=TrainingSummary(
+            method=job.spec.training.method,
+            world_size=accelerator.num_processes,
+            samples_per_second=round(state.samples_seen / max(state.train_seconds, 1e-9), 2),
+            tokens_per_second=round(state.tokens_seen / max(state.train_seconds, 1e-9), 1),
+            train_seconds=round(state.train_seconds, 2),
+            steps=state.global_step,
+            best_step=state.best_step,
+            resumed_from_step=state.resumed_from_step,
+            training_hash=state.training_hash,
+            epochs=state.epoch + (1 if state.batch_in_epoch else 0),
+            stopped_early=state.stopped_early,
+            mixed_precision=accelerator.mixed_precision,
+            history=state.history,
+        ),
+    )

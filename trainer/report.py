@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finetune.status import Progress
 from finetune.trainer.checkpoint import TrainState
 
 log = logging.getLogger(__name__)
@@ -117,11 +118,10 @@ class Reporter:
             self.gauges.set(step=state.global_step, total_steps=total, epoch=epoch, loss=mean_loss,
                             learning_rate=lr, samples_per_second=rate, tokens_per_second=tok_rate)
         if self.patcher:
-            self.patcher.patch({
-                "progress": f"{state.global_step}/{total}",
-                "training": {"step": state.global_step, "totalSteps": total, "epoch": round(epoch, 3),
-                             "loss": mean_loss, "validationMetric": self.last_val, "etaSeconds": eta},
-            })
+            progress = Progress(step=state.global_step, total_steps=total, epoch=round(epoch, 3), loss=mean_loss,
+                                validation_metric=self.last_val, eta_seconds=eta)
+            self.patcher.patch({"progress": f"{state.global_step}/{total}",
+                                "training": progress.model_dump(mode="json", by_alias=True)})
 
     def on_eval(self, state: TrainState, metrics: dict[str, float], metric: str) -> None:
         if not self.is_main:

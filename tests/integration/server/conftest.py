@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
+from finetune import artifacts
 from finetune.server.serving import RunningServer, start_in_thread
 from finetune.server.settings import ServerSettings
+from finetune.spec import Task
 
 SST2 = Path(__file__).resolve().parents[3] / "data" / "sst2"
 LABELS = ["negative", "positive"]
@@ -38,11 +40,13 @@ def length_baseline(tokenizer: Any, texts: list[str]) -> dict[str, Any]:
     return {"edges": LENGTH_EDGES, "fractions": [c / len(lengths) for c in counts]}
 
 
-def write_export_files(path: Path, task: str, name: str, baseline: dict[str, Any]) -> None:
-    (path / "baseline.json").write_text(json.dumps(baseline))
-    metrics = {"task": task, "name": name, "model_version": f"{task[:4]}0123456789abcdef",
-               "headline_metric": "f1" if task == "text-classification" else "perplexity", "test": {}}
-    (path / "metrics.json").write_text(json.dumps(metrics))  # last: the export is complete
+def write_export_files(path: Path, task: Task, name: str, baseline: dict[str, Any]) -> None:
+    """The export contract's two files, through its typed models (what a real run writes is read by
+    tests/integration/server/test_real_export.py)."""
+    (path / "baseline.json").write_text(json.dumps(artifacts.Baseline.model_validate(baseline).document()))
+    metrics = artifacts.ExportMetrics(task=task, name=name, model_version=f"{task[:4]}0123456789abcdef",
+                                      headline_metric="f1" if task == "text-classification" else "perplexity")
+    (path / "metrics.json").write_text(json.dumps(metrics.document()))  # last: the export is complete
 
 
 def build_classifier(path: Path, name: str = "tiny-sst2") -> Path:

@@ -8,6 +8,8 @@ import pathlib
 import httpx
 import pytest
 
+from finetune.artifacts import ExportMetrics
+
 
 @pytest.fixture(scope="module")
 def minilm_dir(tmp_path_factory) -> pathlib.Path:
@@ -24,7 +26,8 @@ def minilm_dir(tmp_path_factory) -> pathlib.Path:
     )
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
-    (out / "metrics.json").write_text(json.dumps({"task": "text-classification", "name": "minilm-sst2"}))
+    metrics = ExportMetrics(task="text-classification", name="minilm-sst2", headline_metric="f1")
+    (out / "metrics.json").write_text(json.dumps(metrics.document()))
     return out
 
 
@@ -98,9 +101,9 @@ def test_auto_precision_serves_in_bf16_only_what_was_tested_in_bf16(minilm_dir, 
 
     tested_bf16 = tmp_path / "minilm-sst2"
     shutil.copytree(minilm_dir, tested_bf16)
-    metrics = json.loads((tested_bf16 / "metrics.json").read_text())
-    metrics["training"] = {"mixed_precision": "bf16"}
-    (tested_bf16 / "metrics.json").write_text(json.dumps(metrics))
+    metrics = ExportMetrics.in_folder(tested_bf16)
+    metrics.training.mixed_precision = "bf16"
+    (tested_bf16 / "metrics.json").write_text(json.dumps(metrics.document()))
 
     def precision(server) -> str:
         return httpx.get(f"{server.url}/v1/models/minilm-sst2").json()["precision"]

@@ -172,22 +172,33 @@ def test_an_unreachable_hub_is_transient(synthetic_data, write_job, tmp_path) ->
     assert not ended.permanent and "cannot reach the model hub" in ended.message
 
 
-def test_sigterm_stops_training_and_says_so(tiny_bert, synthetic_data, write_job, tmp_path) -> None:
-    """A pod being deleted gets SIGTERM: training stops, and the message says why, not "a rank crashed"."""
-    job = write_job(tiny_bert, synthetic_data, resources={"gpusPerNode": 0}, training={"epochs": 50})
-    log = tmp_path / "termination-log"
-    command = pod_command(job, tmp_path / "out", log)
+def test_sigterm_stops_both_ranks_at_one_step_with_a_checkpoint_and_the_pod_resumes(
+        tiny_bert, synthetic_data, write_job, tmp_path) -> None:
+    """A pod being deleted gets SIGTERM: both ranks stop after the same step, save it, and say so (not "a rank
+    crashed"); the recreated pod resumes from that step."""
+    job = write_job(tiny_bert, synthetic_data, resources={"gpusPerNode": 0},
+                    training={"epochs": 12, "logSteps": 1, "checkpointSteps": 1000, "evalSteps": 1000})
+    output, log = tmp_path / "out", tmp_path / "termination-log"
+    command = pod_command(job, output, log)
     command[command.index("--processes") + 1] = "2"
     launcher = start(command, tmp_path / "pod.log", OMP_NUM_THREADS="1")
-    wait_until(lambda: len(ranks(launcher.pid)) == 2, "two training processes")
+    wait_until(lambda: '"eta_seconds"' in (tmp_path / "pod.log").read_text() or launcher.poll() is not None,
+               "training steps")
     descendants = children(launcher.pid)
     try:
-        launcher.send_signal(signal.SIGTERM)
+        launcher.send_signal(signal.SIGTERM)  # what the kubelet sends the container's process
         code = finished(launcher)
     finally:
         for pid in descendants:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     ended = message(log)
-    assert code == 128 + signal.SIGTERM and ended.exit_code == code and not ended.permanent
-    assert ended.message.startswith("stopped by SIGTERM before training finished"), ended.message
+    assert code == 128 + signal.SIGTERM and ended.exit_code == code and not ended.permanent, ended
+    assert ended.message.startswith("stopped by SIGTERM at step "), ended.message
+    step = int(ended.message.split("at step ")[1].split()[0])
+    assert (output / "checkpoints" / f"step-{step:07d}").is_dir(), "every rank saved the step it stopped at"
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=BOUND,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    result = message(log).result
+    assert result is not None and result.resumed_from_step == step and result.world_size == 2

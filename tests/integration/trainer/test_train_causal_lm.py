@@ -55,7 +55,7 @@ def test_lora_sft_trains_exports_merged_model_and_samples(tmp_path: Path) -> Non
     assert history[-1]["perplexity"] < history[0]["perplexity"], "validation perplexity falls with training"
     assert test["perplexity"] < 0.5 * tokenizer.vocab_size, "far better than guessing among the vocabulary"
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == test["support"] == 30
+    assert len(samples) == test["generation_support"] == 30 and test["support"] == 40  # all test rows: loss
     assert all(set(s) == {"prompt", "reference", "generation"} for s in samples)
     assert (out / "adapter" / "adapter_config.json").exists()
 
@@ -68,3 +68,45 @@ def test_lora_sft_trains_exports_merged_model_and_samples(tmp_path: Path) -> Non
     ids = torch.tensor([tokenizer("copy abc fed=")["input_ids"]])
     with torch.no_grad():
         assert not torch.allclose(merged(ids).logits, original(ids).logits, atol=1e-4)
+
+
+def _dataset_job(tmp_path: Path, base: Path, data: Path, dataset: dict[str, object]) -> Path:
+    job = yaml.safe_load(write_job(tmp_path, base, data, method="full", epochs=1, maxSteps=3).read_text())
+    job["spec"]["dataset"] = {"train": {"path": str(data)}, **dataset}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_plain_text_reports_perplexity_and_no_generation_scores(tmp_path: Path) -> None:
+    """No completions, nothing to compare generations with: no ROUGE/BLEU of 0.0 over support 0."""
+    tokenizer = train_tokenizer(tmp_path / "tok")
+    base = save_model(tiny_llama(tokenizer, hidden=32), tokenizer, tmp_path / "base")
+    data = tmp_path / "corpus.jsonl"
+    rows = copy_task(60, seed=4, words=2)
+    (rows["prompt"] + rows["completion"]).to_frame("body").to_json(data, orient="records", lines=True)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "finetune.cli", "train", "-f",
+                             str(_dataset_job(tmp_path, base, data, {"textColumn": "body"})), "--output", str(out)],
+                            capture_output=True, text=True, env=ENV, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    assert {"loss", "perplexity"} <= set(test) and not {"rougeL", "bleu", "exact_match"} & set(test), test
+    assert test["support"] == 6 and test["generation_support"] == 0
+    assert not (out / "samples.jsonl").exists()
+
+
+def test_chats_without_assistant_turns_are_refused_for_what_they_are(tmp_path: Path) -> None:
+    tokenizer = train_tokenizer(tmp_path / "tok")
+    base = save_model(tiny_llama(tokenizer, hidden=32), tokenizer, tmp_path / "base")
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"chat": [{"role": "user", "content": f"hello {i}"}]}) + "\n"
+                            for i in range(40)))
+    result = subprocess.run([sys.executable, "-m", "finetune.cli", "train", "-f",
+                             str(_dataset_job(tmp_path, base, data, {"messagesColumn": "chat"})),
+                             "--output", str(tmp_path / "out")],
+                            capture_output=True, text=True, env=ENV, timeout=600, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "no training example has anything to learn (32 of 32 are chats without an assistant turn" in last, last
+    assert "maxLength" not in last

@@ -39,6 +39,14 @@ def test_defaults_are_filled() -> None:
         ({"training": {"learningRate": -1}}, "spec.training.learningRate: Input should be greater than 0"),
         ({"training": {"epochz": 3}}, "spec.training.epochz: unknown field"),
         ({"dataset": {"textColumn": "x"}}, "spec.dataset.train: Field required"),
+        # A typo in a metric name is found before any training, not as a gate rejection afterwards.
+        ({"promotion": {"metric": "acuracy"}}, "spec.promotion.metric: text-classification does not produce a "
+                                               "metric 'acuracy'; use one of accuracy, f1, precision, recall"),
+        ({"training": {"metricForBestModel": "perplexity"}},
+         "spec.training.metricForBestModel: text-classification does not produce a metric 'perplexity'"),
+        ({"task": "causal-lm", "promotion": {"metric": "rougeL"}},
+         "causal-lm does not produce a metric 'rougeL'; use one of loss, perplexity (generation metrics need "
+         "completions to compare"),
     ],
 )
 def test_validation_errors_name_field_and_allowed_values(overrides: dict[str, Any], expected: str) -> None:
@@ -78,6 +86,9 @@ def test_load_job_resolves_relative_paths(tmp_path: Path) -> None:
         ("- a\n- b\n", "must hold one FineTuneJob mapping"),
         ("spec: [", "is not valid YAML"),
         ("apiVersion: v1\nkind: FineTuneJob\nspec: {}\n", "apiVersion: got 'v1'"),
+        # The allowed value as it must be written (not lower-cased into the typo itself).
+        ("apiVersion: finetune.dev/v1alpha1\nkind: finetunejob\nspec: {}\n",
+         "kind: got 'finetunejob'; input should be 'FineTuneJob'"),
     ],
 )
 def test_bad_job_files(tmp_path: Path, text: str, expected: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -366,3 +367,22 @@ def test_an_old_jobset_that_prunes_the_message_patterns_is_detected(job_builder:
     for rule in pruned["spec"]["failurePolicy"]["rules"]:
         rule.pop("onJobFailureMessagePatterns", None)
     assert not builders.failure_rules_kept(pruned)
+
+
+def test_the_server_pod_and_finetune_run_get_the_same_server_settings(
+        job_builder: Callable[..., FineTuneJob], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """One `serving` mapping: the settings `finetune serve` reads from the Deployment's environment equal the
+    ones `finetune run` passes to the server, for every field the mapping has."""
+    from finetune.run import server_settings
+    from finetune.server.settings import ServerSettings
+
+    job = job_builder(serving={"maxBatchSize": 7, "maxWaitMs": 2.5, "precision": "fp32"})
+    dep = builders.build_serving_deployment(job, uid=UID, model_path="/workspace/sst2/run-1", image="img:1")
+    for var in dep["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if var["name"].startswith("FINETUNE_SERVE_") and "value" in var:
+            monkeypatch.setenv(var["name"], var["value"])
+    in_pod = ServerSettings(model_dir=tmp_path)
+    local = server_settings(job, tmp_path, "127.0.0.1", 0)
+    keys = job.spec.serving.server_settings().keys()
+    assert keys and all(getattr(in_pod, k) == getattr(local, k) for k in keys)
+    assert (in_pod.max_batch_size, in_pod.max_wait_ms, in_pod.precision) == (7, 2.5, "fp32")

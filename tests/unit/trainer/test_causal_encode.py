@@ -22,7 +22,8 @@ def ids(tok: Any, text: str) -> list[int]:
 def test_prompt_is_masked_and_completion_plus_eos_is_learned(tok: Any) -> None:
     df = pd.DataFrame({"prompt": ["copy abc=", "copy fedcba="], "completion": ["abc", "fedcba"]})
     feats, report = encode_causal(df, tok, max_length=64)
-    assert report.as_dict() == {"total": 2, "prompt_truncated": 0, "dropped": 0, "split": 0}
+    assert report.as_dict() == {"total": 2, "prompt_truncated": 0, "dropped": 0, "too_long": 0, "nothing_to_learn": 0,
+                                "split": 0}
     for f, (p, c) in zip(feats, zip(df["prompt"], df["completion"], strict=True), strict=True):
         prompt = [tok.bos_token_id, *ids(tok, p)]
         completion = [*ids(tok, c), tok.eos_token_id]

@@ -197,11 +197,39 @@ def test_unreadable_files(tmp_path: Path, name: str, content: str, pattern: str)
         prepare_data(make_spec(path))
 
 
-def test_not_utf8(tmp_path: Path) -> None:
+def test_not_utf8_names_the_line_and_the_byte_in_it(tmp_path: Path) -> None:
     path = tmp_path / "train.csv"
-    path.write_bytes(b"text,label\n\xff\xfe bad,0\n")
-    with pytest.raises(DataError, match=r"train\.csv is not UTF-8"):
+    path.write_bytes(b"text,label\nfine,0\nalso fine,1\nab\xff bad,0\n")
+    with pytest.raises(DataError, match=r"train\.csv is not UTF-8 text: line 4, byte 3 of that line "
+                                        r"\(invalid start byte\); save it as UTF-8"):
         prepare_data(make_spec(path))
+
+
+def test_a_folder_as_data_path_says_so(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"dataset\.train\.path: .* is a folder; point at one data file inside it"):
+        prepare_data(make_spec(tmp_path))
+
+
+def test_swapped_text_and_label_columns_are_refused_with_the_hint(tmp_path: Path) -> None:
+    frame = labelled(400, ["pos", "neg"])
+    path = write(tmp_path / "train.csv", frame.rename(columns={"text": "label", "label": "text"}))
+    with pytest.raises(DataError, match=r"has 400 distinct values in 400 rows.*are dataset\.textColumn \('text'\) "
+                                        r"and dataset\.labelColumn swapped\?"):
+        prepare_data(make_spec(path))
+
+
+def test_label_names_that_name_no_label_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "train.csv", labelled(100, [0, 1]))
+    with pytest.raises(DataError, match=r"dataset\.labelNames: 'pos' name no label of column 'label' .*its labels "
+                                        r"are: 0, 1"):
+        prepare_data(make_spec(path, dataset={"labelNames": {"1": "positive", "pos": "positive"}}))
+    assert prepare_data(make_spec(path, dataset={"labelNames": {"1": "positive"}})).label_names == ["0", "1"]
+
+
+def test_a_tiny_file_cannot_train_every_class(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"classes with fewer than 5 training rows after the validation and test "
+                                        r"rows were split off"):
+        prepare_data(make_spec(write(tmp_path / "train.csv", labelled(5, ["a", "b"]))))
 
 
 def test_missing_labels_report_count_and_first_row(tmp_path: Path) -> None:
@@ -327,15 +355,22 @@ def test_stratified_split_keeps_ratios_and_is_deterministic(tmp_path: Path) -> N
     assert not set(data.train["text"]) & (set(data.validation["text"]) | set(data.test["text"]))
 
 
-def test_rare_class_falls_back_to_random_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    frame = labelled(50, [0, 1])
-    frame.loc[0, "label"] = 2  # one member: cannot be stratified
-    path = write(tmp_path / "train.csv", frame)
-    data = prepare_data(make_spec(path))
+def test_more_classes_than_test_rows_falls_back_to_random_split(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    path = write(tmp_path / "train.csv", labelled(40 * 12, list(range(40))))
+    data = prepare_data(make_spec(path, dataset={"split": {"testFraction": 0.05}}))  # 24 test rows, 40 classes
     assert "cannot stratify by label" in caplog.text
-    assert data.label_names == ["0", "1", "2"]
-    assert sum(data.report["split"].values()) == 50
-    assert data.report["split_from_train"] == {"test": False, "validation": False}
+    assert len(data.label_names or []) == 40
+    assert sum(data.report["split"].values()) == 480
+    assert data.report["split_from_train"]["test"] is False
+
+
+def test_a_class_too_rare_to_learn_is_refused(tmp_path: Path) -> None:
+    """A class with one row would vanish into the test split, or train from nothing; exit 2 names it."""
+    frame = labelled(50, [0, 1])
+    frame.loc[0, "label"] = 2
+    with pytest.raises(DataError, match=r"classes with fewer than 5 training rows .*: '2' \(\d\)"):
+        prepare_data(make_spec(write(tmp_path / "train.csv", frame)))
 
 
 def test_max_samples_caps_before_split_deterministically(tmp_path: Path) -> None:
@@ -401,4 +436,20 @@ def test_causal_plain_text(tmp_path: Path) -> None:
     data = prepare_data(causal(path, textColumn="body"))
     assert list(data.train.columns) == ["text"]
     assert data.report["split"] == {"train": 24, "validation": 3, "test": 3}
-    assert "line 0 of text" in set(data.train["text"]) | set(data.validation["text"]) | set(data.test["text"])
+    texts = set(data.train["text"]) | set(data.validation["text"]) | set(data.test["text"])
+    assert "line 0  of text" in texts, "causal-lm text is learned as written: no white-space rewriting by default"
+    asked = prepare_data(causal(path, textColumn="body", cleaning={"normalizeWhitespace": True}))
+    assert "line 0 of text" in set(asked.train["text"]) | set(asked.validation["text"]) | set(asked.test["text"])
+
+
+def test_causal_prompts_and_completions_are_not_rewritten_by_default(tmp_path: Path) -> None:
+    """The prompt template's newline and the completion's leading space are part of what is learned."""
+    rows = pd.DataFrame({"q": [f"Question: what is {i}?\nAnswer:" for i in range(40)],
+                         "a": [f" it is {i}" for i in range(40)]})
+    data = prepare_data(causal(write(tmp_path / "qa.jsonl", rows), promptColumn="q", completionColumn="a"))
+    assert all(p.endswith("?\nAnswer:") for p in data.train["prompt"])
+    assert all(c.startswith(" it is") for c in data.train["completion"])
+    assert "normalize_whitespace" not in data.report["cleaning_steps"]
+    assert data.report["cleaning_rows_changed"]["train"] == {}
+    classify = prepare_data(make_spec(write(tmp_path / "c.csv", labelled(40, ["a", "b"]))))
+    assert "normalize_whitespace" in classify.report["cleaning_steps"], "classification keeps its default"

@@ -18,7 +18,27 @@ def test_an_uncached_hub_id_offline_is_transient(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(TransientError, match="cannot reach the model hub for 'someone/never-cached'"):
+    with pytest.raises(TransientError, match="network: cannot reach the model hub huggingface.co for "
+                                             "'someone/never-cached'"):
+        models.load_tokenizer(ModelSource(name="someone/never-cached"))
+
+
+def test_an_unreachable_hub_fails_at_once_as_a_network_error_naming_the_host(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a minute of the hub client's retries and then a permanent error: one probe, exit 75's error."""
+    import socket
+
+    import huggingface_hub.constants
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    for proxy in models.PROXY_VARIABLES:
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(TransientError, match=rf"^network: cannot reach the model hub at 127.0.0.1:{port} to "
+                                             r"download 'someone/never-cached' \(Connection refused\)"):
         models.load_tokenizer(ModelSource(name="someone/never-cached"))
 
 
