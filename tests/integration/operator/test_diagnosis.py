@@ -68,7 +68,8 @@ async def test_a_failed_rank_and_the_gang_restart(kube, running) -> None:
         {"type": "RestartingJobSet", "status": "True", "reason": "DefaultFailurePolicy"}]})
     await kube.add_pod("crash", 1, 0, "Running", attempt=1)
     await kube.add_pod("crash", 1, 1, "Running", attempt=1)
-    status = await kube.eventually(lambda: _reason(kube, "crash", "Restarted"), what="Restarted")
+    # The restart may be reported before the new attempt's pods are seen: wait for both (a loaded machine).
+    status = await kube.eventually(lambda: _restarted_and_running(kube, "crash", 2), what="Restarted, 2 running")
     assert status["phase"] == "Training"
     assert "restart 1 (1 of 3 allowed failure restarts used) after pod crash-train-1-node-0-1" in status["message"]
     assert "(rank 1) exited with code 137" in status["message"]
@@ -79,6 +80,11 @@ async def test_a_failed_rank_and_the_gang_restart(kube, running) -> None:
     assert first["nodeRank"] == 1 and first["exitCode"] == 137 and first["logTail"][-1] == last_line
     assert trainer["active"] == 2 and trainer["failed"] == 0  # counts are of the running attempt
     await kube.eventually(lambda: _has_event(kube, "crash", "TrainerRestarted"), what="a restart Event")
+
+
+async def _restarted_and_running(kube, name: str, active: int) -> dict | None:
+    status = await _reason(kube, name, "Restarted")
+    return status if status and status.get("trainer", {}).get("active") == active else None
 
 
 async def _has_event(kube, name: str, reason: str) -> bool:
