@@ -15,6 +15,7 @@ import csv
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,9 @@ def main() -> None:
     args = parser.parse_args()
     from finetune.hardware import cpu_has_bf16
 
+    # A SIGTERM (a timeout) must end the hog processes too: it unwinds through `finally` like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
     with open(SST2 / "train.tsv", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     results: dict[tuple[str, bool], float] = {}
@@ -68,7 +72,8 @@ def main() -> None:
         train_file = write_rows(tmp / "train.tsv", rows[: args.train_rows])
         val_file = write_rows(tmp / "val.tsv", rows[args.train_rows : args.train_rows + 100])
         for hog in (False, True):
-            hogs = [multiprocessing.Process(target=spin, daemon=True) for _ in range(os.cpu_count() or 1)] if hog else []
+            cores = os.cpu_count() or 1
+            hogs = [multiprocessing.Process(target=spin, daemon=True) for _ in range(cores if hog else 0)]
             for h in hogs:
                 h.start()
             try:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from finetune.artifacts import ExportMetrics
+from finetune.contracts import ExportMetrics
 from finetune.spec import FineTuneJob, load_job
 
 log = logging.getLogger(__name__)

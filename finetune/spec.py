@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "finetune.dev"
@@ -123,6 +123,14 @@ class Dataset(Model):
     label_names: dict[str, str] = Field(
         default_factory=dict, description="Display names for label values, e.g. {'0': negative, '1': positive}."
     )
+
+    @field_validator("label_names", mode="before")
+    @classmethod
+    def _label_keys_as_text(cls, value: object) -> object:
+        """YAML reads `{0: negative}` and `{true: positive}` with number and bool keys: labels are text."""
+        if isinstance(value, dict):
+            return {str(k): v for k, v in value.items()}
+        return value
     prompt_column: str | None = Field(None, description="Column with the prompt (causal-lm).")
     completion_column: str | None = Field(None, description="Column with the target completion (causal-lm).")
     messages_column: str | None = Field(

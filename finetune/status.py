@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from finetune.contracts import Progress
 from finetune.spec import Model
 
 Phase = Literal[
@@ -23,17 +24,6 @@ class Condition(Model):
     message: str = Field("", description="What happened and, on failure, what to change.")
     last_transition_time: str | None = Field(None, description="RFC 3339 time of the last change.")
     observed_generation: int | None = Field(None, description="Spec generation this condition is about.")
-
-
-class Progress(Model):
-    """Training progress reported by the trainer's main process."""
-
-    step: int = Field(0, description="Optimizer steps done.")
-    total_steps: int = Field(0, description="Optimizer steps planned.")
-    epoch: float = Field(0.0, description="Epochs done (fractional).")
-    loss: float | None = Field(None, description="Latest training loss.")
-    validation_metric: float | None = Field(None, description="Latest validation value of the headline metric.")
-    eta_seconds: float | None = Field(None, description="Estimated seconds to the end of training.")
 
 
 class PodFailure(Model):

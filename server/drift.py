@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune import artifacts
+from finetune import contracts
 
 FEATURES = ("input_length", "predicted_label")
 _ALPHA = 0.5  # additive smoothing for live counts (Jeffreys prior)
@@ -36,7 +36,7 @@ class Baseline:
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> Baseline | None:
-        written = artifacts.Baseline.in_folder(model_dir)
+        written = contracts.Baseline.in_folder(model_dir)
         if written is None:
             return None
         edges, fractions = written.input_length.edges, written.input_length.fractions

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from finetune.artifacts import ArtifactError, ExportMetrics
+from finetune.contracts import ArtifactError, ExportMetrics
 from finetune.hardware import available_cpus, cpu_has_bf16
 
 logger = logging.getLogger(__name__)

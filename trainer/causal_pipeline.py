@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune.artifacts import ExportMetrics
+from finetune.contracts import ExportMetrics
 from finetune.spec import FineTuneJob, lower_is_better
 from finetune.trainer import checkpoint as ckpt
 from finetune.trainer.batching import eval_batches

@@ -12,10 +12,11 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from finetune.spec import SpecError
 from finetune.trainer.atomic import publish_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,30 @@ def complete_checkpoints(output: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / PROGRESS_FILE).exists()]
+    return [p for _, p in sorted(found) if read_progress(p) is not None]
+
+
+INT_FIELDS = ("epoch", "batch_in_epoch", "global_step")
+
+
+def read_progress(folder: Path) -> dict[str, Any] | None:
+    """A checkpoint's progress.json when it is whole; None (the checkpoint is skipped, with a warning) when
+    it is missing, not JSON or of the wrong shape: an older checkpoint is then the newest whole one."""
+    path = folder / PROGRESS_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = None
+    known = {f.name for f in fields(TrainState)}
+    ok = isinstance(data, dict) and set(data) <= known and all(
+        isinstance(data[k], int) and not isinstance(data[k], bool) for k in INT_FIELDS if k in data)
+    if not ok:
+        log.warning("skipping checkpoint %s: its %s is damaged", folder, PROGRESS_FILE)
+        return None
+    progress: dict[str, Any] = data
+    return progress
 
 
 def latest_checkpoint(output: Path) -> Path | None:
@@ -91,6 +115,8 @@ def save_checkpoint(accelerator: Any, output: Path, state: TrainState, keep: int
 
 def load_checkpoint(accelerator: Any, path: Path) -> TrainState:
     """Restore model, optimizer, scheduler and RNG from `path`; return where training was."""
+    data = read_progress(path)
+    if data is None:
+        raise SpecError(f"checkpoint {path} is damaged ({PROGRESS_FILE}); delete it to resume from an older one")
     accelerator.load_state(str(path))
-    data = json.loads((path / PROGRESS_FILE).read_text())
     return TrainState(**data)

@@ -141,21 +141,34 @@ class Tail:
         return list(self.lines)
 
 
-def run_child(command: list[str], env: dict[str, str], capture: bool) -> tuple[int, list[str]]:
-    """Run the trainer process(es); SIGTERM/SIGINT go on to them. Returns the exit code and the log tail."""
+def run_child(command: list[str], env: dict[str, str], capture: bool) -> tuple[int, list[str], int]:
+    """Run the trainer process(es); SIGTERM/SIGINT go on to them. Returns the exit code, the log tail and
+    the signal this launcher was stopped by (0: none)."""
     preexec: Callable[[], None] | None = _die_with_parent if sys.platform.startswith("linux") else None
     out = subprocess.PIPE if capture else None
-    # A process group of its own: a terminal's Ctrl-C reaches it once, forwarded below, not twice.
-    proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT if capture else None,
-                            preexec_fn=preexec, process_group=0)
-    tail = Tail(proc.stdout) if capture and proc.stdout is not None else None
-    forward = {sig: signal.signal(sig, lambda s, _f: proc.send_signal(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    received: list[int] = []
+    started: list[subprocess.Popen[bytes]] = []
+
+    def pass_on(signum: int, _frame: object) -> None:
+        received.append(signum)
+        for proc in started:
+            proc.send_signal(signum)
+
+    # Installed before the child starts, so no signal falls between its start and the handler.
+    forward = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        # A process group of its own: a terminal's Ctrl-C reaches it once, forwarded here, not twice.
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT if capture else None,
+                                preexec_fn=preexec, process_group=0)
+        started.append(proc)
+        if received:  # came while it was being started
+            proc.send_signal(received[0])
+        tail = Tail(proc.stdout) if capture and proc.stdout is not None else None
         code = proc.wait()
     finally:
         for sig, previous in forward.items():
             signal.signal(sig, previous)
-    return code, tail.join() if tail else []
+    return code, tail.join() if tail else [], received[0] if received else 0
 
 
 def describe_exit(code: int) -> str:
@@ -278,15 +291,24 @@ def train_processes(job_file: str, output: str, world: World, start: Start, capt
     with tempfile.TemporaryDirectory(prefix="finetune-outcomes-") as outcomes:
         env = {**os.environ, "OMP_NUM_THREADS": thread_count(world.processes), "FINETUNE_OUTCOME_DIR": outcomes,
                "FINETUNE_LAUNCHER_PID": str(os.getpid()), TRAINING_HASH_ENV: start.training_hash}
-        code, tail = run_child(launch_command(job_file, output, world), env, capture=capture)
+        code, tail, signum = run_child(launch_command(job_file, output, world), env, capture=capture)
         folder = Path(outcomes)
-        return decide(RankOutcome.read_all(folder), read_first_failure(folder), code, world, tail)
+        message = decide(RankOutcome.read_all(folder), read_first_failure(folder), code, world, tail)
+    if signum and message.exit_code not in (0, *STOP_EXIT_CODES):
+        # Stopped before the trainer could stop at a step (still starting, or a second signal): still a stop.
+        name = signal.Signals(signum).name
+        return TerminationMessage(exit_code=128 + signum, node_rank=world.node_rank, log_tail=tail,
+                                  message=f"stopped by {name} before a step boundary (no checkpoint there); "
+                                  "rerun the same command to resume from the last checkpoint")
+    return message
 
 
 def finish(message: TerminationMessage, termination_log: str | None) -> int:
     if termination_log:
         write_termination_log(termination_log, message)
-    if message.exit_code != 0:
+    if message.exit_code in STOP_EXIT_CODES:
+        sys.stderr.write(f"finetune train: {message.message}\n")
+    elif message.exit_code != 0:
         sys.stderr.write(f"finetune train: error: {message.message}\n")
     return message.exit_code
 

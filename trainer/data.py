@@ -172,6 +172,8 @@ def _label_strings(s: pd.Series, field: str, path: str) -> pd.Series:
             f"{field}: column {s.name!r} in {path} has {int(missing.sum())} rows with an empty or missing "
             f"label (first at data row {first}); fill them in or remove those rows"
         )
+    if pd.api.types.is_bool_dtype(s):  # pandas reads True/False columns as bools: keep their words
+        return s.map(str).astype(str)
     numbers = pd.to_numeric(s, errors="coerce")
     if numbers.notna().all():
         return numbers.map(lambda v: str(int(v)) if float(v).is_integer() else str(v)).astype(str)
@@ -303,6 +305,12 @@ def check_label_set(names: list[str], rows: int, spec: FineTuneJobSpec, path: st
             f"({', '.join(names)}); classification needs at least 2"
         )
     if len(names) > MIN_SUSPICIOUS_CLASSES and len(names) > MAX_CLASS_SHARE * rows:
+        if all(_is_number(n) for n in names):
+            raise DataError(
+                f"dataset.labelColumn: column {d.label_column!r} in {path} has {len(names)} distinct numbers in "
+                f"{rows} rows, which looks like a continuous value (a score or a rating to regress); "
+                "text-classification needs a label with a few classes: bin the values into classes"
+            )
         raise DataError(
             f"dataset.labelColumn: column {d.label_column!r} in {path} has {len(names)} distinct values in "
             f"{rows} rows, which is free text or ids rather than classes; are dataset.textColumn "
@@ -317,6 +325,14 @@ def check_label_set(names: list[str], rows: int, spec: FineTuneJobSpec, path: st
         )
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def check_training_rows_per_class(counts: dict[str, int], path: str, split_from_train: bool) -> None:
     """Every class needs a few training rows, or the model can never learn it (and its test figures lie)."""
     scarce = {name: n for name, n in counts.items() if n < MIN_TRAIN_ROWS_PER_CLASS}
@@ -327,6 +343,20 @@ def check_training_rows_per_class(counts: dict[str, int], path: str, split_from_
     raise DataError(
         f"dataset.labelColumn: classes with fewer than {MIN_TRAIN_ROWS_PER_CLASS} training rows{where} in "
         f"{path}: {shown}; add rows of these classes, or merge or remove them"
+    )
+
+
+def check_evaluation_classes(split: str, counts: dict[str, int], path: str) -> None:
+    """A validation or test split of one class makes every figure a statement about that class alone:
+    a model that always answers it scores 1.0 and would pass any gate."""
+    present = [name for name, n in counts.items() if n]
+    if len(present) >= 2:
+        return
+    only = repr(present[0]) if present else "none"
+    raise DataError(
+        f"dataset.{split}: the {split} rows from {path} hold only class {only} of {len(counts)}; its metrics "
+        f"would say nothing about the others (a model that always answers {only} would score 1.0): give a "
+        f"{split} set with at least 2 classes"
     )
 
 
@@ -414,4 +444,6 @@ def prepare_data(spec: FineTuneJobSpec) -> PreparedData:
         report["label_names"] = label_names
         report["label_counts"] = {name: _label_counts(frames[name], label_names) for name in SPLITS}
         check_training_rows_per_class(report["label_counts"]["train"], paths["train"], bool(stratified))
+        for name in ("validation", "test"):
+            check_evaluation_classes(name, report["label_counts"][name], paths.get(name, paths["train"]))
     return PreparedData(frames["train"], frames["validation"], frames["test"], label_names, report)

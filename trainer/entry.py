@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from finetune.artifacts import ExportMetrics
 from finetune.contracts import (
     EXIT_PEER_LOST,
     EXIT_PERMANENT,
     EXIT_TRANSIENT,
+    ExportMetrics,
     RankOutcome,
     TrainerResult,
     TransientError,
@@ -207,10 +207,9 @@ def trainer_result(output: Path, metrics: ExportMetrics) -> TrainerResult:
 
 def run(job_file: str, output: Path) -> int:
     """Train; report how it ended, as an exit code and as this rank's outcome."""
-    from finetune.trainer.stopping import Stopped, requested
+    from finetune.trainer.stopping import Stopped
 
     rank = global_rank()
-    requested.install()
     try:
         metrics = train(load_job(job_file), output)
     except Stopped as stop:
@@ -248,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job", required=True, help="FineTuneJob YAML")
     parser.add_argument("--output", required=True, help="output directory (checkpoints and export)")
     args = parser.parse_args(argv)
+    from finetune.trainer.stopping import requested
+
+    requested.install()  # first: a SIGTERM while the libraries load is a stop too, not a crash
     die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries()

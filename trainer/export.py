@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from finetune.artifacts import BASELINE_FILE, METRICS_FILE, Baseline, ExportMetrics, LengthHistogram
+from finetune.contracts import BASELINE_FILE, METRICS_FILE, Baseline, ExportMetrics, LengthHistogram
 from finetune.spec import Task
 from finetune.trainer.atomic import fsync_dir, fsync_tree, write_json, write_text
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from finetune.artifacts import METRICS_FILE, ExportMetrics
+from finetune.contracts import METRICS_FILE, ExportMetrics
 from finetune.spec import FineTuneJob, SpecError
 from finetune.trainer.atomic import write_json
 from finetune.trainer.checkpoint import PROGRESS_FILE, checkpoint_root, latest_checkpoint
@@ -53,7 +53,9 @@ def file_digest(path: str) -> str:
 
 def run_identity(job: FineTuneJob, world_size: int) -> dict[str, Any]:
     """The identity document of a run of `job` on `world_size` processes (see the module docstring)."""
-    doc = job.spec.model_dump(mode="json", by_alias=True, include=SECTIONS)
+    spec = job.spec
+    resolved = spec.dataset.model_copy(update={"cleaning": spec.dataset.cleaning.for_task(spec.task)})
+    doc = spec.model_copy(update={"dataset": resolved}).model_dump(mode="json", by_alias=True, include=SECTIONS)
     for section, fields in BOOKKEEPING.items():
         for name in fields:
             doc.get(section, {}).pop(name, None)
@@ -81,7 +83,8 @@ def _flatten(doc: Any, prefix: str = "") -> dict[str, Any]:
 def describe_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     """What changed between two identities, e.g. "training.learningRate 5e-05 -> 0.0001"."""
     if old is None:
-        return "the folder's run.json is missing or from another run, so what changed is unknown"
+        return ("what changed is unknown: the folder's run.json does not describe that run (made by an older "
+                "version of finetune, or damaged)")
     before, after = _flatten(old), _flatten(new)
     changes = []
     for key in sorted(before.keys() | after.keys()):
@@ -113,10 +116,17 @@ class Start:
     metrics: ExportMetrics | None = None  # the finished export's metrics.json (action done)
 
 
-def recorded_identity(output: Path, training_hash: str) -> dict[str, Any] | None:
+def run_file_hash(output: Path) -> str | None:
+    value = (read_json(output / RUN_FILE) or {}).get("trainingHash")
+    return str(value) if value else None
+
+
+def recorded_identity(output: Path, training_hash: str | None) -> dict[str, Any] | None:
     """The identity run.json records, if it is the one of `training_hash`."""
     run = read_json(output / RUN_FILE) or {}
-    return run.get("identity") if run.get("trainingHash") == training_hash else None
+    identity = run.get("identity")
+    return identity if training_hash and run.get("trainingHash") == training_hash and isinstance(
+        identity, dict) else None
 
 
 def checkpoint_hash(output: Path) -> str | None:
@@ -129,38 +139,63 @@ def checkpoint_hash(output: Path) -> str | None:
 def decide_start(job: FineTuneJob, output: Path, world_size: int, force: bool, record: bool = True) -> Start:
     """Fresh, resume or done for `job` in `output`; a SpecError (exit 2) when the folder is another run's.
 
-    Only the launcher holding the folder's lock (node 0) records: it clears a forced run's checkpoints and
-    writes run.json; the other nodes only look.
+    Every trace of a run counts (checkpoints, model files, metrics.json), whole or damaged: its identity is
+    the one it records, else run.json's. Only the launcher holding the folder's lock (node 0) records: it
+    clears a forced run's checkpoints and old export and writes run.json; the other nodes only look.
     """
     identity = run_identity(job, world_size)
     wanted = identity_hash(identity)
     metrics = ExportMetrics.read_if_valid(output / METRICS_FILE) if export_complete(output) else None
     finished = metrics.training.training_hash if metrics else None
+    found = checkpoint_hash(output)
     if force:
         if record:
             clear_run(output)
     elif finished == wanted:
         return Start("done", wanted, metrics)
-    elif (found := checkpoint_hash(output)) == wanted:
+    elif found == wanted:
         return Start("resume", wanted)
-    elif found is not None or metrics is not None:
-        what = "checkpoints" if found is not None else "a finished model"
-        changed = describe_difference(recorded_identity(output, found or str(finished)), identity)
-        raise SpecError(
-            f"--output {output} holds {what} of a different run ({changed}); use a new --output (in a "
-            "cluster: a new storage.outputPath, or none), or pass --force to train from scratch there"
-        )
+    elif found is not None or export_files(output):
+        owner = found or finished or run_file_hash(output)
+        if owner != wanted:
+            what = ("checkpoints" if found is not None else "a finished model" if metrics is not None
+                    else "model files of an unfinished or damaged export")
+            changed = describe_difference(recorded_identity(output, owner), identity)
+            raise SpecError(
+                f"--output {output} holds {what} of a different run ({changed}); use a new --output (in a "
+                "cluster: a new storage.outputPath, or none), or pass --force to train from scratch there"
+            )
     if record:
-        write_json(output / RUN_FILE, {"trainingHash": wanted, "identity": identity,
-                                       "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        try:
+            write_json(output / RUN_FILE, {"trainingHash": wanted, "identity": identity,
+                                           "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        except OSError as err:
+            raise SpecError(f"--output {output}: cannot write {RUN_FILE}: {err.strerror}; give a writable "
+                            "folder") from None
     return Start("fresh", wanted)
 
 
+# What an export writes beside the weights; --force removes them all, so no file of the old model (an
+# adapter beside a new full model, or the reverse) is loaded with the new one.
+EXPORT_PATTERNS = ("*.safetensors", "*.bin", "adapter", "adapter_config.json", "config.json",
+                   "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.*", "merges.txt", "spiece.model", "chat_template.*", "metrics.json", "baseline.json",
+                   "errors.jsonl", "samples.jsonl", ".export-tmp")
+
+
+def export_files(output: Path) -> list[Path]:
+    return sorted({path for pattern in EXPORT_PATTERNS for path in output.glob(pattern)})
+
+
 def clear_run(output: Path) -> None:
-    """Forget the folder's checkpoints (a forced fresh start); the old export stays until replaced."""
+    """A forced fresh start: the folder's checkpoints and previous export go (metrics.json first, so the
+    folder never looks like a complete export of the old model again); feedback and other files stay."""
     import shutil
 
-    root = checkpoint_root(output)
-    if root.exists():
-        log.warning("--force: removing the checkpoints in %s", root)
-        shutil.rmtree(root)
+    (output / METRICS_FILE).unlink(missing_ok=True)
+    for path in [checkpoint_root(output), *export_files(output)]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    log.warning("--force: removed the checkpoints and the previous export in %s", output)

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from finetune.contracts import TransientError
+from finetune.spec import SpecError
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".finetune.lock"
@@ -41,7 +42,11 @@ def output_lock(output: Path, wait: float | None = None) -> Iterator[None]:
     """Hold the folder's lock for the block; TransientError when another trainer keeps it past `wait`."""
     wait = float(os.environ.get(LOCK_WAIT_ENV) or LOCK_WAIT_SECONDS) if wait is None else wait
     path = output / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:  # a read-only volume, or something else in the lock file's place
+        raise SpecError(f"--output {output}: cannot write {path}: {err.strerror}; give a writable folder "
+                        "(is the volume mounted read-only?)") from None
     try:
         if acquire(fd, path, wait):
             os.ftruncate(fd, 0)

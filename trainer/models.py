@@ -86,7 +86,7 @@ def check_model_dir(path: str) -> None:
 
 
 HUB_PROBE_TIMEOUT = 10.0
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 def hub_address() -> tuple[str, int]:
@@ -99,12 +99,22 @@ def hub_address() -> tuple[str, int]:
     return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
 
 
-def check_hub_reachable(name: str, revision: str | None) -> None:
-    """Fail fast, as a retryable network error naming the host, when the hub cannot be reached.
+def go_offline() -> None:
+    """Load from the local cache without asking the hub: the libraries read the flag where they keep it."""
+    import os
 
-    Without this, a cluster without internet access spends about a minute in the hub client's retries
-    before failing. Skipped when the model is in the local cache (it loads without the hub), in
-    offline mode, and behind a proxy (a direct connection says nothing about the proxy's).
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+
+
+def check_hub_reachable(name: str, revision: str | None) -> None:
+    """One quick connection to the hub before the libraries' own minute of retries.
+
+    Unreachable and the model not in the local cache: a retryable network error naming the host.
+    Unreachable but cached (an air-gapped cluster with a filled HF_HOME): load offline from the cache.
+    Skipped in offline mode and behind a proxy (a direct connection says nothing about the proxy's).
     """
     import os
     import socket
@@ -113,17 +123,21 @@ def check_hub_reachable(name: str, revision: str | None) -> None:
 
     if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in PROXY_VARIABLES):
         return
-    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
-        return
     host, port = hub_address()
     try:
         socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT).close()
+        return
     except OSError as err:
         reason = err.strerror or type(err).__name__
-        raise TransientError(
-            f"network: cannot reach the model hub at {host}:{port} to download {name!r} ({reason}); a later "
-            "attempt may succeed, or copy the model into the volume and set model.path"
-        ) from None
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        log.warning("the model hub %s:%d cannot be reached (%s); loading %s from the local cache", host, port,
+                    reason, name)
+        go_offline()
+        return
+    raise TransientError(
+        f"network: cannot reach the model hub at {host}:{port} to download {name!r} ({reason}); a later "
+        "attempt may succeed, or copy the model into the volume and set model.path"
+    )
 
 
 def resolve_source(model: ModelSource) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.artifacts import ExportMetrics, TrainingSummary
+from finetune.contracts import ExportMetrics, TrainingSummary
 from finetune.spec import FineTuneJob, lower_is_better
 from finetune.trainer import checkpoint as ckpt
 from finetune.trainer.batching import eval_batches

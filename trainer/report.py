@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune.status import Progress
+from finetune.contracts import Progress
 from finetune.trainer.checkpoint import TrainState
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from finetune import artifacts
+from finetune import contracts
 from finetune.server.serving import RunningServer, start_in_thread
 from finetune.server.settings import ServerSettings
 from finetune.spec import Task
@@ -43,8 +43,8 @@ def length_baseline(tokenizer: Any, texts: list[str]) -> dict[str, Any]:
 def write_export_files(path: Path, task: Task, name: str, baseline: dict[str, Any]) -> None:
     """The export contract's two files, through its typed models (what a real run writes is read by
     tests/integration/server/test_real_export.py)."""
-    (path / "baseline.json").write_text(json.dumps(artifacts.Baseline.model_validate(baseline).document()))
-    metrics = artifacts.ExportMetrics(task=task, name=name, model_version=f"{task[:4]}0123456789abcdef",
+    (path / "baseline.json").write_text(json.dumps(contracts.Baseline.model_validate(baseline).document()))
+    metrics = contracts.ExportMetrics(task=task, name=name, model_version=f"{task[:4]}0123456789abcdef",
                                       headline_metric="f1" if task == "text-classification" else "perplexity")
     (path / "metrics.json").write_text(json.dumps(metrics.document()))  # last: the export is complete
 

@@ -8,7 +8,7 @@ import pathlib
 import httpx
 import pytest
 
-from finetune.artifacts import ExportMetrics
+from finetune.contracts import ExportMetrics
 
 
 @pytest.fixture(scope="module")

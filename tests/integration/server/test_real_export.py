@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from finetune.artifacts import Baseline, ExportMetrics
+from finetune.contracts import Baseline, ExportMetrics
 
 
 def test_the_server_serves_a_real_export_with_its_name_version_and_drift_baseline(trained, start_server, scrape):

@@ -99,7 +99,7 @@ def test_ctrl_c_stops_at_a_step_with_a_checkpoint_and_the_rerun_resumes_there(
     assert code == 130, text[-2000:]
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
     last = text.strip().splitlines()[-1]
-    assert last.startswith("finetune train: error: stopped by SIGINT at step "), last
+    assert last.startswith("finetune train: stopped by SIGINT at step "), last
     assert last.endswith("(checkpoint saved); rerun the same command to resume"), last
     step = int(last.split("at step ")[1].split()[0])
     assert (out / "checkpoints" / f"step-{step:07d}").is_dir()
@@ -142,3 +142,35 @@ def test_an_output_that_is_a_file_is_one_line_and_exit_2(tiny_bert: Path, synthe
     assert done.returncode == EXIT_PERMANENT and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == (
         f"finetune train: error: --output {file} is a file; give a folder for checkpoints and the exported model")
+
+
+def test_sigterm_while_the_trainer_is_still_starting_is_a_stop_not_a_crash(
+        tiny_bert: Path, synthetic_data: Path, write_job: Callable[..., Path], tmp_path: Path) -> None:
+    """However early the signal comes (the trainer may not have its handler yet), the pod says "stopped"."""
+    job, log = write_job(tiny_bert, synthetic_data, training={"epochs": 1}), tmp_path / "termination-log"
+    proc = subprocess.Popen([*FINETUNE, "-f", str(job), "--output", str(tmp_path / "out"), "--termination-log",
+                             str(log)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, text=True)
+    deadline = time.monotonic() + BOUND
+    while not any(b"finetune.trainer.entry" in _cmdline(child) for child in _children(proc.pid)):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=BOUND)
+    assert proc.returncode == 143, stderr[-2000:]
+    ended = TerminationMessage.decode(log.read_text())
+    assert ended is not None and ended.exit_code == 143 and ended.message.startswith("stopped by SIGTERM"), ended
+    assert stderr.strip().splitlines()[-1].startswith("finetune train: stopped by SIGTERM")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

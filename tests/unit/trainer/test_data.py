@@ -453,3 +453,28 @@ def test_causal_prompts_and_completions_are_not_rewritten_by_default(tmp_path: P
     assert data.report["cleaning_rows_changed"]["train"] == {}
     classify = prepare_data(make_spec(write(tmp_path / "c.csv", labelled(40, ["a", "b"]))))
     assert "normalize_whitespace" in classify.report["cleaning_steps"], "classification keeps its default"
+
+
+def test_a_test_split_of_one_class_is_refused(tmp_path: Path) -> None:
+    """A model that always answers the one class would score 1.0 on it and pass any gate."""
+    train = write(tmp_path / "train.csv", labelled(300, ["k0", "k1", "k2"]))
+    test = write(tmp_path / "test.csv", labelled(40, ["k0"]))
+    with pytest.raises(DataError, match=r"dataset\.test: the test rows from .*test\.csv hold only class 'k0' of 3; "
+                                        r"its metrics would say nothing about the others"):
+        prepare_data(make_spec(train, dataset={"test": {"path": str(test)}}))
+
+
+def test_true_false_labels_keep_their_words_and_yaml_keys_of_any_type_name_them(tmp_path: Path) -> None:
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\n" + "".join(f"row {i},{'True' if i % 2 else 'False'}\n" for i in range(60)))
+    spec = make_spec(path, dataset={"labelNames": {True: "positive", False: "negative"}})
+    assert prepare_data(spec).label_names == ["False", "True"]
+    numbered = write(tmp_path / "n.csv", labelled(60, [0, 1]))
+    assert make_spec(numbered, dataset={"labelNames": {0: "negative"}}).dataset.label_names == {"0": "negative"}
+
+
+def test_a_continuous_label_column_is_called_what_it_is(tmp_path: Path) -> None:
+    frame = labelled(400, [0])
+    frame["label"] = [i / 7 for i in range(400)]
+    with pytest.raises(DataError, match=r"400 distinct numbers in 400 rows, which looks like a continuous value"):
+        prepare_data(make_spec(write(tmp_path / "train.csv", frame)))

@@ -84,3 +84,31 @@ def test_hub_answers_are_classified_by_the_hubs_own_errors() -> None:
     assert isinstance(models.load_failure("the model", "x/y", throttled), TransientError)
     assert isinstance(models.load_failure("the model", "x/y", _wrapped(ConnectionError("reset"))), TransientError)
     assert isinstance(models.load_failure("the model", "x/y", OSError("corrupt weights")), SpecError)
+
+
+def test_a_cached_model_loads_offline_when_the_hub_cannot_be_reached(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    """An air-gapped cluster with a filled HF_HOME: no minute of retries per file, the cache is used."""
+    import socket
+
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--someorg--cached" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--someorg--cached" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someorg--cached" / "refs" / "main").write_text("abc")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    for proxy in models.PROXY_VARIABLES:
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    models.check_hub_reachable("someorg/cached", None)
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True
+    with pytest.raises(TransientError, match="network: cannot reach the model hub at 127.0.0.1"):
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        models.check_hub_reachable("someorg/not-cached", None)
