@@ -12,7 +12,8 @@ import asyncio
 
 import pytest
 
-from finetune.operator import naming
+from finetune.contracts import one_line
+from finetune.operator import diagnosis, naming
 from finetune.status import Progress
 
 JOBSETS = "/apis/jobset.x-k8s.io/v1alpha2/namespaces/ml/jobsets"
@@ -100,7 +101,8 @@ async def test_gate_rejection_leaves_serving_alone(kube, running) -> None:
 async def test_backoff_exhausted(kube, running) -> None:
     await kube.create("flaky", scheduling={"backoffLimit": 1})
     await kube.wait_jobset("flaky")
-    await kube.add_pod("flaky", 1, 0, "Failed", code=137, message="step 12\nKilled", attempt=1,
+    # What a real OOM-killed trainer pod leaves: no termination message, its last log lines (tests/real_runs.py).
+    await kube.add_pod("flaky", 1, 0, "Failed", code=137, message=kube.trained.killed_log, attempt=1,
                        finished="2026-01-01T00:10:00Z")
     await kube.set_jobset_status("flaky-train-1", {"restarts": 1, "restartsCountTowardsMax": 1, "conditions": [
         {"type": "Failed", "status": "True", "reason": "ReachedMaxRestarts",
@@ -109,7 +111,8 @@ async def test_backoff_exhausted(kube, running) -> None:
     assert status["reason"] == "BackoffLimitExceeded"
     assert "failed 2 times; scheduling.backoffLimit allows 1 restart(s)" in status["message"]
     assert "exited with code 137" in status["message"] and "kubectl logs flaky-train-1-node-0-0" in status["message"]
-    assert status["trainer"]["failures"][-1]["logTail"] == ["step 12", "Killed"]
+    logged = [line for line in kube.trained.killed_log.splitlines() if line.strip()][-diagnosis.LOG_LINES:]
+    assert status["trainer"]["failures"][-1]["logTail"] == [one_line(x, diagnosis.LOG_LINE_CHARS) for x in logged]
 
 
 async def test_invalid_spec_fails_then_recovers_when_fixed(kube, running) -> None:
