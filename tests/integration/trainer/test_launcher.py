@@ -21,6 +21,7 @@ import yaml
 
 from finetune.contracts import EXIT_PERMANENT, EXIT_TRANSIENT, TerminationMessage
 from tests.integration.pod_command import free_port, pod_command
+from tests.integration.processes import alive, children, cmdline, ranks
 
 pytestmark = pytest.mark.timeout(600)
 BOUND = 300.0  # seconds; the machine is shared, a bound is never a timing assertion
@@ -46,33 +47,6 @@ def wait_until(check: Callable[[], object], what: str) -> None:
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
-
-
-def children(pid: int) -> list[int]:
-    """Every live descendant of `pid`, from /proc."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        current = frontier.pop()
-        kids = [p for p, parent in parents.items() if parent == current]
-        found += kids
-        frontier += kids
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_bad_data_exits_2_with_the_trainers_line(tiny_bert, synthetic_data, write_job, tmp_path) -> None:
@@ -113,7 +87,7 @@ def test_a_killed_rank_is_retryable_and_the_rerun_resumes(tiny_bert, synthetic_d
     wait_until(lambda: any((output / "checkpoints").glob("step-*")) or launcher.poll() is not None, "a checkpoint")
     assert launcher.poll() is None, (tmp_path / "pod.log").read_text()[-2000:]
     workers = ranks(launcher.pid)
-    assert len(workers) == 2, [(_cmdline(p)) for p in children(launcher.pid)]
+    assert len(workers) == 2, [(cmdline(p)) for p in children(launcher.pid)]
     os.kill(max(workers), signal.SIGKILL)  # one rank dies (the OOM killer's signal)
     code = finished(launcher)
     ended = message(log)
@@ -126,19 +100,6 @@ def test_a_killed_rank_is_retryable_and_the_rerun_resumes(tiny_bert, synthetic_d
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     result = message(log).result
     assert result is not None and result.resumed_from_step > 0 and result.world_size == 2
-
-
-def ranks(launcher: int) -> list[int]:
-    """The training processes under a launcher: the elastic launcher's children running the entry module."""
-    return [p for p in children(launcher) if "finetune.trainer.entry" in _cmdline(p)
-            and "finetune.trainer.elastic" not in _cmdline(p)]
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def test_killing_the_launcher_leaves_no_training_behind(tiny_bert, synthetic_data, write_job, tmp_path) -> None:

@@ -21,6 +21,7 @@ import yaml
 
 from finetune.contracts import EXIT_PERMANENT, EXIT_TRANSIENT, TerminationMessage
 from finetune.trainer.lock import output_lock
+from tests.integration.processes import children, cmdline
 
 pytestmark = pytest.mark.timeout(900)
 BOUND = 300.0  # seconds; a bound, never a timing assertion
@@ -151,7 +152,7 @@ def test_sigterm_while_the_trainer_is_still_starting_is_a_stop_not_a_crash(
     proc = subprocess.Popen([*FINETUNE, "-f", str(job), "--output", str(tmp_path / "out"), "--termination-log",
                              str(log)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, text=True)
     deadline = time.monotonic() + BOUND
-    while not any(b"finetune.trainer.entry" in _cmdline(child) for child in _children(proc.pid)):
+    while not any("finetune.trainer.entry" in cmdline(child) for child in children(proc.pid)):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
@@ -160,17 +161,3 @@ def test_sigterm_while_the_trainer_is_still_starting_is_a_stop_not_a_crash(
     ended = TerminationMessage.decode(log.read_text())
     assert ended is not None and ended.exit_code == 143 and ended.message.startswith("stopped by SIGTERM"), ended
     assert stderr.strip().splitlines()[-1].startswith("finetune train: stopped by SIGTERM")
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""

@@ -16,7 +16,9 @@ from tests.unit.trainer.causal_fixtures import copy_task, save_model, tiny_llama
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def write_job(tmp_path: Path, model_dir: Path, data: Path, **training: object) -> Path:
+def write_job(tmp_path: Path, model_dir: Path, data: Path, dataset: dict[str, object] | None = None,
+              **training: object) -> Path:
+    """A causal-LM job on `data`: prompt/completion columns, unless `dataset` names others."""
     job = {
         "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "copy-lora"},
         "spec": {
@@ -30,9 +32,16 @@ def write_job(tmp_path: Path, model_dir: Path, data: Path, **training: object) -
             "evaluation": {"maxNewTokens": 20, "maxTestSamples": 30},
         },
     }
+    if dataset is not None:
+        job["spec"]["dataset"] = {"train": {"path": str(data)}, **dataset}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
+
+
+def train(job: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "finetune.cli", "train", "-f", str(job), "--output", str(out)],
+                          capture_output=True, text=True, env=ENV, timeout=600, check=False)
 
 
 def test_lora_sft_trains_exports_merged_model_and_samples(tmp_path: Path) -> None:
@@ -41,10 +50,7 @@ def test_lora_sft_trains_exports_merged_model_and_samples(tmp_path: Path) -> Non
     data = tmp_path / "copy.jsonl"
     copy_task(400, seed=3, words=2).to_json(data, orient="records", lines=True)
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "finetune.cli", "train", "-f", str(write_job(tmp_path, base, data)),
-         "--output", str(out)], capture_output=True, text=True, env=ENV, timeout=600, check=False,
-    )
+    result = train(write_job(tmp_path, base, data), out)
     assert result.returncode == 0, result.stderr[-3000:]
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -70,25 +76,22 @@ def test_lora_sft_trains_exports_merged_model_and_samples(tmp_path: Path) -> Non
         assert not torch.allclose(merged(ids).logits, original(ids).logits, atol=1e-4)
 
 
-def _dataset_job(tmp_path: Path, base: Path, data: Path, dataset: dict[str, object]) -> Path:
-    job = yaml.safe_load(write_job(tmp_path, base, data, method="full", epochs=1, maxSteps=3).read_text())
-    job["spec"]["dataset"] = {"train": {"path": str(data)}, **dataset}
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
+def tiny_base(tmp_path: Path) -> Path:
+    tokenizer = train_tokenizer(tmp_path / "tok")
+    return save_model(tiny_llama(tokenizer, hidden=32), tokenizer, tmp_path / "base")
+
+
+def short_job(tmp_path: Path, data: Path, dataset: dict[str, object]) -> Path:
+    return write_job(tmp_path, tiny_base(tmp_path), data, dataset, method="full", epochs=1, maxSteps=3)
 
 
 def test_plain_text_reports_perplexity_and_no_generation_scores(tmp_path: Path) -> None:
     """No completions, nothing to compare generations with: no ROUGE/BLEU of 0.0 over support 0."""
-    tokenizer = train_tokenizer(tmp_path / "tok")
-    base = save_model(tiny_llama(tokenizer, hidden=32), tokenizer, tmp_path / "base")
     data = tmp_path / "corpus.jsonl"
     rows = copy_task(60, seed=4, words=2)
     (rows["prompt"] + rows["completion"]).to_frame("body").to_json(data, orient="records", lines=True)
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "finetune.cli", "train", "-f",
-                             str(_dataset_job(tmp_path, base, data, {"textColumn": "body"})), "--output", str(out)],
-                            capture_output=True, text=True, env=ENV, timeout=600, check=False)
+    result = train(short_job(tmp_path, data, {"textColumn": "body"}), out)
     assert result.returncode == 0, result.stderr[-3000:]
     test = json.loads((out / "metrics.json").read_text())["test"]
     assert {"loss", "perplexity"} <= set(test) and not {"rougeL", "bleu", "exact_match"} & set(test), test
@@ -97,15 +100,10 @@ def test_plain_text_reports_perplexity_and_no_generation_scores(tmp_path: Path) 
 
 
 def test_chats_without_assistant_turns_are_refused_for_what_they_are(tmp_path: Path) -> None:
-    tokenizer = train_tokenizer(tmp_path / "tok")
-    base = save_model(tiny_llama(tokenizer, hidden=32), tokenizer, tmp_path / "base")
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps({"chat": [{"role": "user", "content": f"hello {i}"}]}) + "\n"
                             for i in range(40)))
-    result = subprocess.run([sys.executable, "-m", "finetune.cli", "train", "-f",
-                             str(_dataset_job(tmp_path, base, data, {"messagesColumn": "chat"})),
-                             "--output", str(tmp_path / "out")],
-                            capture_output=True, text=True, env=ENV, timeout=600, check=False)
+    result = train(short_job(tmp_path, data, {"messagesColumn": "chat"}), tmp_path / "out")
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert "no training example has anything to learn (32 of 32 are chats without an assistant turn" in last, last
