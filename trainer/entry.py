@@ -183,9 +183,13 @@ def wait_for_the_cause(rank: int, message: str) -> None:
     (a lost node) lets it run out, and then this rank's failure restarts the gang."""
     import time
 
+    from finetune.trainer.stopping import requested
+
     wait = float(os.environ.get(PEER_LOST_WAIT_ENV) or PEER_LOST_WAIT_SECONDS)
     log.error("rank %d lost a peer (%s); waiting up to %.0f s for the gang to be restarted", rank, message, wait)
-    time.sleep(max(wait, 0.0))
+    deadline = time.monotonic() + max(wait, 0.0)
+    while time.monotonic() < deadline and not requested.signum:  # a signal (the restart) ends the wait
+        time.sleep(min(0.5, max(deadline - time.monotonic(), 0.0)))
 
 
 def say(line: str) -> None:
@@ -207,12 +211,18 @@ def trainer_result(output: Path, metrics: ExportMetrics) -> TrainerResult:
 
 def run(job_file: str, output: Path) -> int:
     """Train; report how it ended, as an exit code and as this rank's outcome."""
-    from finetune.trainer.stopping import Stopped
+    from finetune.trainer.stopping import Stopped, requested
 
     rank = global_rank()
     try:
         metrics = train(load_job(job_file), output)
     except Stopped as stop:
+        if not requested.signum:
+            # Only a rank on another node was signalled (its pod is being deleted or preempted): like a
+            # lost peer, wait, so that pod's disruption decides the gang's restart, not this pod's exit.
+            leave_outcome(RankOutcome(rank=rank, exit_code=EXIT_PEER_LOST, message=f"a peer rank was {stop}"))
+            wait_for_the_cause(rank, f"a peer rank was {stop}")
+            return 128 + requested.signum if requested.signum else EXIT_PEER_LOST
         say(f"finetune train: {stop}")
         leave_outcome(RankOutcome(rank=rank, exit_code=stop.exit_code, message=str(stop)))
         return stop.exit_code
