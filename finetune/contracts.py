@@ -22,6 +22,7 @@ kill, out of memory).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -227,6 +228,9 @@ class ExportMetrics(Artifact):
     task: Task
     name: str
     model_version: str = ""
+    tokenizer_fingerprint: str = Field(
+        "", description="tokenizer_fingerprint() of the exported tokenizer: the server refuses any other one."
+    )
     headline_metric: str
     validation: dict[str, float | None] = Field(default_factory=dict, description="None: not finite (NaN).")
     test: dict[str, Any] = Field(default_factory=dict, description="Numbers, per_class, confusion_matrix, groups.")
@@ -241,6 +245,13 @@ class ExportMetrics(Artifact):
         """The test metrics that are finite numbers: what the gate and the status can show."""
         return {k: float(v) for k, v in self.test.items()
                 if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of a tokenizer's vocabulary (token -> id, added tokens included): equal for the
+    tokenizer the trainer exported and the one the server loads back, different for another model's."""
+    vocabulary = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocabulary, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 class LengthHistogram(Artifact):

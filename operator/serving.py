@@ -15,6 +15,7 @@ from finetune.operator.objects import (
     metadata,
     pod_security_context,
 )
+from finetune.server.settings import ServerSettings, graceful_shutdown_seconds
 
 HTTP_PORT = 8080
 SERVICE_PORT = 80
@@ -43,6 +44,14 @@ def feedback_path(job: api.FineTuneJob) -> str:
 def endpoint_url(job: api.FineTuneJob) -> str:
     """The in-cluster base URL of the inference Service (status.endpoint)."""
     return f"http://{naming.server_name(job.metadata.name)}.{job.metadata.namespace}.svc.cluster.local"
+
+
+def termination_grace_seconds() -> int:
+    """Longer than the drain the server promises after SIGTERM (ServerSettings.shutdown_seconds, the
+    defaults the Deployment runs with), plus a margin for the endpoints to drop the pod; Kubernetes'
+    default of 30 s would SIGKILL a server still finishing requests."""
+    timeout = float(ServerSettings.model_fields["request_timeout_s"].default)
+    return int(graceful_shutdown_seconds(timeout) + timeout) + 15
 
 
 def _probe(path: str, period: int, failures: int) -> JSON:
@@ -121,6 +130,7 @@ def build_serving_deployment(
             },
             "spec": {
                 "automountServiceAccountToken": False,  # the server never calls the Kubernetes API
+                "terminationGracePeriodSeconds": termination_grace_seconds(),
                 "securityContext": pod_security_context(),
                 "containers": [_server_container(job, model_path, job.spec.image or image)],
                 "volumes": volumes,

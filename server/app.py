@@ -44,6 +44,7 @@ def create_app(settings: ServerSettings, *, freeze_gc: bool = False) -> FastAPI:
     app.include_router(routes.inference)
     app.include_router(completions.router)
     # Last added runs first: metrics see every answer, including the body-limit 413.
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, state=state)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
@@ -77,7 +78,7 @@ async def _load(state: ServerState) -> None:
     settings, metrics = state.settings, state.metrics
     try:
         runner = ModelRunner(settings.model_dir, name=settings.name, max_length=settings.max_length,
-                             precision=settings.precision)
+                             precision=settings.precision, device=settings.device)
         state.runner = runner
         threads = settings.torch_threads or default_torch_threads()
         batcher = Batcher(
@@ -183,6 +184,22 @@ class AuthMiddleware:
                 )
                 await response(scope, receive, send)
                 return
+        await self.app(scope, receive, send)
+
+
+class JsonBodyMiddleware:
+    """Every POST body is read as JSON, whatever its Content-Type says: `curl -d '{...}'` sends
+    `application/x-www-form-urlencoded`, and FastAPI would hand the route raw form data ("Input should be
+    a valid dictionary"). A body that is not JSON still gets 400 invalid_json."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            # In place: the metrics middleware outside reads the route the router stores in this scope.
+            scope["headers"] = [*headers, (b"content-type", b"application/json")]
         await self.app(scope, receive, send)
 
 

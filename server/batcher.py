@@ -16,7 +16,8 @@ two-thread pass, which loses time in thread barriers), and every batch takes at 
 work in the server, so the two workers carry even loads.
 
 The queue is bounded: when it is full, submitting raises `Overloaded` (the route answers 503 with
-Retry-After) instead of letting memory grow. Generation (causal LM) runs one request per pass.
+Retry-After) instead of letting memory grow. Generation requests with the same sampling settings share
+one `generate` call the same way (`generation.py`); a seeded one runs alone.
 """
 
 from __future__ import annotations
@@ -30,16 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from finetune.server.generation import Completion, GenerationControl, GenerationParams, GenerationRequest
 from finetune.server.metrics import ServerMetrics
-from finetune.server.model_runner import (
-    Classification,
-    Completion,
-    Encoded,
-    GenerationControl,
-    GenerationParams,
-    ModelRunner,
-    default_torch_threads,
-)
+from finetune.server.model_runner import Classification, Encoded, ModelRunner, default_torch_threads
 
 # One answer per text: its tokenization and its classification (None: refused as too long).
 Answer = tuple[Encoded, Classification | None]
@@ -75,7 +69,16 @@ class _Item:
 
     @property
     def size(self) -> int:
-        return max(len(self.texts), 1)
+        """Rows in a forward pass: texts, or a generation's `n` choices."""
+        return self.params.n if self.params is not None else max(len(self.texts), 1)
+
+    def joins(self, first: _Item) -> bool:
+        """Whether this item may share `first`'s pass: classification with classification, generation
+        with generation of the same sampling settings (never a seeded one)."""
+        if first.params is None or self.params is None:
+            return first.params is None and self.params is None
+        key = first.params.batch_key()
+        return key is not None and key == self.params.batch_key()
 
 
 # What one extra forward pass costs, in padded tokens. Measured on MiniLM, 2 CPU cores: a pass costs
@@ -164,10 +167,11 @@ class Batcher:
 
     async def generate(
         self, prompt: list[int], params: GenerationParams, control: GenerationControl, timeout: float
-    ) -> Completion:
+    ) -> list[Completion]:
+        """The request's `params.n` completions of `prompt`."""
         item = _Item(self._future(), prompt=prompt, params=params, control=control)
         try:
-            result: Completion = await self._submit(item, timeout)
+            result: list[Completion] = await self._submit(item, timeout)
         except (TimeoutError, asyncio.CancelledError):
             control.cancelled.set()  # stop generating for a client that is no longer waiting
             raise
@@ -178,7 +182,7 @@ class Batcher:
 
     def enqueue_generation(
         self, prompt: list[int], params: GenerationParams, control: GenerationControl
-    ) -> asyncio.Future[Completion]:
+    ) -> asyncio.Future[list[Completion]]:
         """Queue a generation now (raises Overloaded at once) and return its future, for streaming."""
         item = _Item(self._future(), prompt=prompt, params=params, control=control)
         self._enqueue(item)
@@ -264,7 +268,7 @@ class Batcher:
         first = self._carry or await self._queue.get()
         self._carry = None
         batch, texts = [first], first.size
-        if first.params is not None:  # generation: one request per pass
+        if first.params is not None and first.params.batch_key() is None:  # seeded: alone
             return batch
         deadline = first.enqueued + self._max_wait
         if self._queue.empty():
@@ -285,7 +289,7 @@ class Batcher:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
                 except TimeoutError:
                     break
-            if texts + item.size > limit:
+            if texts + item.size > limit or not item.joins(first):
                 self._carry = item
                 break
             batch.append(item)
@@ -299,13 +303,13 @@ class Batcher:
             self._metrics.queue_wait.observe(started - item.enqueued)
         self._metrics.batch_size.observe(len(batch))
         loop = asyncio.get_running_loop()
-        first = batch[0]
-        if first.params is not None:
-            result = await loop.run_in_executor(
-                self._executors[worker], self._generate, first.prompt, first.params, first.control, threads
-            )
-            if not first.future.done():
-                first.future.set_result(result)
+        if batch[0].params is not None:
+            requests = [GenerationRequest(i.prompt, i.params or GenerationParams(), i.control or GenerationControl())
+                        for i in batch]
+            results = await loop.run_in_executor(self._executors[worker], self._generate, requests, threads)
+            for item, result in zip(batch, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result)
             return
         groups = [item.texts for item in batch]
         answers = await loop.run_in_executor(self._executors[worker], self._classify_groups, groups, threads)
@@ -313,11 +317,9 @@ class Batcher:
             if not item.future.done():
                 item.future.set_result(answer)
 
-    def _generate(
-        self, prompt: list[int], params: GenerationParams, control: GenerationControl | None, threads: int
-    ) -> Completion:
+    def _generate(self, requests: list[GenerationRequest], threads: int) -> list[list[Completion]]:
         self._runner.use_threads(threads)
-        return self._runner.generate(prompt, params, control)
+        return self._runner.generate(requests)
 
     def _classify_groups(self, groups: list[list[str]], threads: int) -> list[list[Answer]]:
         """Tokenize every text of the batch in one call, then classify in passes of at most max_batch_size."""

@@ -1,7 +1,9 @@
 """OpenAI-compatible `POST /v1/completions` for causal LMs, with `stream: true` as server-sent events.
 
 Prompts over the context (prompt + max_tokens > the model's token limit) keep their last tokens and say
-so with `"truncated": true` on the choice, or get 413 with `on_long_input=reject`.
+so with `"truncated": true` on the choice, or get 413 with `on_long_input=reject`. Prompts are text or
+token ids; `n` choices per prompt; `logprobs` (0-5 alternatives per token) as OpenAI's legacy object.
+OpenAI fields this server does not implement are refused with 400 unless they carry their neutral value.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from fastapi.responses import StreamingResponse
 
 from finetune.server.batcher import Overloaded
 from finetune.server.errors import ApiError
-from finetune.server.model_runner import Completion, GenerationControl, GenerationParams
+from finetune.server.generation import Completion, GenerationControl, GenerationParams
+from finetune.server.model_runner import Encoded
 from finetune.server.routes import check_count, encode, queued, run_model
 from finetune.server.schemas import CompletionRequest
 from finetune.server.state import Ready, ready_parts
@@ -31,11 +34,19 @@ def _check(body: CompletionRequest, ready: Ready) -> int:
     runner = ready.runner
     if runner.task != "causal-lm":
         raise ApiError(400, "wrong_task", f"this model classifies text; use POST /v1/models/{runner.name}:predict")
+    unsupported = body.unsupported()
+    if unsupported:
+        raise ApiError(400, "unsupported_field", "; ".join(unsupported))
     if body.model is not None and body.model != runner.name:
         raise ApiError(404, "model_not_found", f"no model named {body.model!r}; this server serves {runner.name!r}")
-    check_count(ready, len(body.prompts()), "prompt")
-    if body.stream and len(body.prompts()) > 1:
-        raise ApiError(422, "invalid_request", "stream: supported for a single prompt only")
+    check_count(ready, len(body.prompts()) * body.n, "prompt x n (choices)")
+    if body.stream and (len(body.prompts()) > 1 or body.n > 1):
+        raise ApiError(422, "invalid_request", "stream: supported for a single prompt with n=1 only")
+    vocabulary = runner.vocabulary_size
+    for index, prompt in enumerate(body.prompts()):
+        if isinstance(prompt, list) and max(prompt) >= vocabulary:
+            raise ApiError(422, "invalid_request",
+                           f"prompt.{index}: token id {max(prompt)} is not below the vocabulary size {vocabulary}")
     if body.max_tokens > ready.settings.max_new_tokens:
         raise ApiError(
             422, "invalid_request", f"max_tokens: at most {ready.settings.max_new_tokens} on this server"
@@ -50,9 +61,25 @@ def _check(body: CompletionRequest, ready: Ready) -> int:
 
 def _params(body: CompletionRequest) -> GenerationParams:
     return GenerationParams(
-        max_tokens=body.max_tokens, temperature=float(body.temperature), top_p=float(body.top_p),
-        stop=body.stops(), seed=body.seed,
+        max_tokens=body.max_tokens, temperature=body.sampling_temperature(), top_p=float(body.top_p),
+        stop=body.stops(), seed=body.seed, n=body.n, logprobs=body.logprobs,
     )
+
+
+async def _encode_prompts(ready: Ready, body: CompletionRequest, budget: int) -> list[Encoded]:
+    """Text prompts through the tokenizer, token-id prompts as they are; both keep their last tokens."""
+    texts = [p for p in body.prompts() if isinstance(p, str)]
+    encoded = iter(await encode(ready, texts, limit=budget, keep="end") if texts else [])
+    out = []
+    for prompt in body.prompts():
+        if isinstance(prompt, str):
+            out.append(next(encoded))
+            continue
+        if len(prompt) > budget and ready.settings.on_long_input == "reject":
+            raise ApiError(413, "input_too_long",
+                           f"a prompt has {len(prompt)} tokens; the limit is {budget} (on_long_input=reject)")
+        out.append(Encoded(prompt[-budget:], len(prompt), len(prompt) > budget))
+    return out
 
 
 @router.post("/v1/completions", response_model=None)
@@ -61,7 +88,7 @@ async def completions(
 ) -> dict[str, Any] | StreamingResponse:
     ready = ready_parts(request)
     budget = _check(body, ready)
-    encoded = await encode(ready, body.prompts(), limit=budget, keep="end")
+    encoded = await _encode_prompts(ready, body, budget)
     queued(request)
     params = _params(body)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -69,17 +96,18 @@ async def completions(
     timeout = ready.settings.request_timeout_s
     if body.stream:
         return _stream(ready, meta, encoded[0].ids, encoded[0].truncated, params)
-    results: list[Completion] = await run_model(
+    per_prompt: list[list[Completion]] = await run_model(
         ready,
         asyncio.gather(*(ready.batcher.generate(e.ids, params, GenerationControl(), timeout) for e in encoded)),
     )
-    choices = []
-    for index, (enc, done) in enumerate(zip(encoded, results, strict=True)):
+    choices: list[dict[str, Any]] = []
+    for enc, done in ((enc, done) for enc, results in zip(encoded, per_prompt, strict=True) for done in results):
         ready.metrics.generated_tokens.inc(done.completion_tokens)
-        choices.append({"text": done.text, "index": index, "logprobs": None, "finish_reason": done.finish_reason,
-                        "truncated": enc.truncated})
-    prompt_tokens = sum(r.prompt_tokens for r in results)
-    completion_tokens = sum(r.completion_tokens for r in results)
+        choices.append({"text": done.text, "index": len(choices), "logprobs": done.logprobs,
+                        "finish_reason": done.finish_reason, "truncated": enc.truncated})
+    # OpenAI counts each prompt once, and every choice's tokens.
+    prompt_tokens = sum(results[0].prompt_tokens for results in per_prompt)
+    completion_tokens = sum(r.completion_tokens for results in per_prompt for r in results)
     _observe_drift(ready, [e.n_tokens for e in encoded])
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}
@@ -114,8 +142,8 @@ def _stream(
                        headers={"Retry-After": str(ready.settings.retry_after_s)}) from None
     _observe_drift(ready, [len(ids)])
 
-    def chunk(text: str, finish: str | None) -> bytes:
-        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish, "truncated": truncated}
+    def chunk(text: str, finish: str | None, logprobs: dict[str, Any] | None = None) -> bytes:
+        choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish, "truncated": truncated}
         return _event({**meta, "choices": [choice]})
 
     async def events() -> AsyncIterator[bytes]:
@@ -138,9 +166,9 @@ def _stream(
                 if future.exception() is not None:
                     yield _event({"error": {"type": "internal_error", "message": "generation failed"}})
                     return
-                result: Completion = future.result()
+                result: Completion = future.result()[0]
                 ready.metrics.generated_tokens.inc(result.completion_tokens)
-                yield chunk("", result.finish_reason)
+                yield chunk("", result.finish_reason, result.logprobs)
                 yield _event("[DONE]")
                 return
         finally:

@@ -38,7 +38,9 @@ def error_response(
 
 
 def _where(loc: tuple[Any, ...] | list[Any]) -> str:
-    parts = [str(p) for p in loc if p != "body"]
+    # "body" is FastAPI's root; <tags> and pydantic's member labels ("function-after[...]") are union
+    # members, not fields a client could name.
+    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and (p.startswith("<") or "[" in p))]
     return ".".join(parts) or "body"
 
 
@@ -52,9 +54,14 @@ async def _validation_error(_: Request, err: Exception) -> JSONResponse:
     errors = list(err.errors())
     if any(e.get("type") == "json_invalid" for e in errors):
         reason = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
-        return error_response(400, "invalid_json", f"the request body is not valid JSON: {reason}".rstrip(": "))
+        return error_response(
+            400, "invalid_json",
+            f"the request body is not valid JSON: {reason}".rstrip(": ") + " (every POST takes a JSON object)",
+        )
     details = [
-        {"field": _where(e.get("loc", ())), "problem": e.get("msg", ""), "type": e.get("type", "")} for e in errors
+        {"field": _where(e.get("loc", ())), "problem": e.get("msg", "").removeprefix("Value error, "),
+         "type": e.get("type", "")}
+        for e in errors
     ]
     first = details[0] if details else {"field": "body", "problem": "invalid"}
     return error_response(422, "invalid_request", f"{first['field']}: {first['problem']}", details=details)

@@ -48,7 +48,8 @@ class FeedbackStore:
     def append(self, record: dict[str, Any]) -> dict[str, Any]:
         """Stamp `time`, write one line durably, and return the stored record."""
         stored = {"id": record["id"], "time": datetime.now(UTC).isoformat(), **record}
-        line = json.dumps(stored, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+        # allow_nan=False: the store is strict JSON, readable by any parser (the request model refuses NaN).
+        line = json.dumps(stored, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode() + b"\n"
         with self._lock:
             if self._file.closed:
                 raise RuntimeError("the feedback store is closed")

@@ -6,18 +6,26 @@ helper thread (tokenization); nothing in this module touches the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from finetune.contracts import ArtifactError, ExportMetrics
+from finetune.contracts import ArtifactError, ExportMetrics, tokenizer_fingerprint
 from finetune.hardware import available_cpus, cpu_has_bf16
+from finetune.server.generation import (
+    Completion,
+    GenerationControl,
+    GenerationParams,
+    GenerationRequest,
+    generate_batch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,31 +53,6 @@ class Classification:
     label: str
     score: float
     scores: dict[str, float]
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-
-@dataclass
-class Completion:
-    text: str
-    finish_reason: Literal["stop", "length"]
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass
-class GenerationControl:
-    """Lets the caller stream text as it is generated and cancel a generation (client went away)."""
-
-    on_text: Callable[[str], None] | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -121,7 +104,8 @@ class ModelRunner:
     """Loads `model_dir` (the trainer's export contract) and runs it. Call `load()` once, off the event loop."""
 
     def __init__(
-        self, model_dir: Path, *, name: str | None = None, max_length: int | None = None, precision: str = "fp32"
+        self, model_dir: Path, *, name: str | None = None, max_length: int | None = None, precision: str = "fp32",
+        device: str = "auto",
     ) -> None:
         if not (model_dir / "config.json").is_file():
             raise ModelLoadError(f"{model_dir} has no config.json: not an exported model directory")
@@ -134,6 +118,8 @@ class ModelRunner:
         self.version: str = self.metrics.model_version if self.metrics else ""
         self._max_length_override = max_length
         self.precision = precision
+        self.device_choice = device
+        self.device = "cpu"
         self._bf16 = False
         self.max_length = max_length or 512
         self.labels: list[str] = []
@@ -157,6 +143,7 @@ class ModelRunner:
         self._model = auto.from_pretrained(
             self.model_dir, trust_remote_code=False, **self._attention_choice()
         ).eval()
+        check_tokenizer_fits(self._tokenizer, self._model, self.metrics)
         config = self._model.config
         if self.task == "text-classification":
             self.labels = [str(config.id2label[i]) for i in range(config.num_labels)]
@@ -171,17 +158,35 @@ class ModelRunner:
         if getattr(config, "pad_token_id", None) is None:
             # e.g. GPT-2-style classifiers find the last real token through pad_token_id
             config.pad_token_id = self._pad_id
+        self._place(torch)
+        self.load_seconds = time.perf_counter() - started
+        logger.info(
+            "loaded %s model %r version %s from %s in %.2fs (token limit %d, %s, %d torch threads, %s)",
+            self.task, self.name, self.version, self.model_dir, self.load_seconds, self.max_length, self.device,
+            torch.get_num_threads(), self.compute_precision,
+        )
+
+    @property
+    def vocabulary_size(self) -> int:
+        """Token ids a prompt may use: below the model's embedding rows."""
+        return int(self._model.get_input_embeddings().num_embeddings)
+
+    def _place(self, torch: Any) -> None:
+        """The pod's GPU when there is one (bf16 where the GPU has it), else the CPU in fp32 or bf16."""
+        if self.device_choice != "cpu" and torch.cuda.is_available():
+            self.device = "cuda"
+            if self.precision != "fp32" and torch.cuda.is_bf16_supported():
+                self._model.to(torch.bfloat16)
+                self._bf16 = True
+            self._model.to(self.device)
+            return
+        if self.device_choice == "cuda":
+            raise ModelLoadError("--device cuda: torch sees no GPU in this container")
         # bf16 autocast: CPUs with native bf16 run it about twice as fast.
         auto_bf16 = self.precision == "auto" and self._tested_in_bf16() and cpu_has_bf16()
         self._bf16 = self.precision == "bf16" or auto_bf16
         if self._bf16 and self.task == "text-classification":
             _cast_linear_weights(self._model, torch.bfloat16)
-        self.load_seconds = time.perf_counter() - started
-        logger.info(
-            "loaded %s model %r version %s from %s in %.2fs (token limit %d, %d torch threads, %s)",
-            self.task, self.name, self.version, self.model_dir, self.load_seconds, self.max_length,
-            torch.get_num_threads(), self.compute_precision,
-        )
 
     def _attention_choice(self) -> dict[str, str]:
         """Plain matmul attention for short-input classifiers: on one CPU thread it ran MiniLM on SST-2
@@ -194,8 +199,8 @@ class ModelRunner:
 
     @property
     def compute_precision(self) -> str:
-        """What classification passes actually run in: "bf16" or "fp32"."""
-        return "bf16" if self._bf16 and self.task == "text-classification" else "fp32"
+        """What the model's passes actually run in: "bf16" or "fp32" (on CPUs causal LMs stay fp32)."""
+        return "bf16" if self._bf16 and (self.task == "text-classification" or self.device == "cuda") else "fp32"
 
     def _tested_in_bf16(self) -> bool:
         """The trainer evaluated this export under bf16 autocast: serving in bf16 reproduces the test metrics."""
@@ -253,9 +258,13 @@ class ModelRunner:
 
         width = max(len(ids) for ids in batch)
         # Padded rows as Python lists, then one tensor each: a copy per row cost more than the small passes.
-        input_ids = torch.tensor([[*ids, *[self._pad_id] * (width - len(ids))] for ids in batch], dtype=torch.long)
-        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], dtype=torch.long)
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16):
+        input_ids = torch.tensor([[*ids, *[self._pad_id] * (width - len(ids))] for ids in batch], dtype=torch.long,
+                                 device=self.device)
+        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], dtype=torch.long,
+                                 device=self.device)
+        # On a GPU the weights themselves are bf16; autocast is the CPU's way to run bf16 Linear layers.
+        autocast = self._bf16 and self.device == "cpu"
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             probs = self._model(input_ids=input_ids, attention_mask=attention).logits.float().softmax(-1)
         results = []
         for row in probs.tolist():
@@ -264,48 +273,13 @@ class ModelRunner:
             results.append(Classification(self.labels[best], float(row[best]), scores))
         return results
 
-    def generate(
-        self, ids: Sequence[int], params: GenerationParams, control: GenerationControl | None = None
-    ) -> Completion:
-        with self._generate_lock:
-            return self._generate(ids, params, control or GenerationControl())
-
-    def _generate(self, ids: Sequence[int], params: GenerationParams, control: GenerationControl) -> Completion:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
-        progress = _Progress(self._tokenizer, self._tokenizer_lock, params.stop, control)
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
-                return torch.full((input_ids.shape[0],), progress.done, dtype=torch.bool)
-
-        class _Stream(BaseStreamer):
-            def put(self, value: Any) -> None:
-                progress.put(value)
-
-            def end(self) -> None:
-                pass
-
-        if params.seed is not None:
-            # Generations are serialized (the lock in generate()), so seeding the global RNG is per request.
-            torch.manual_seed(params.seed)
-        sampling: dict[str, Any] = {"do_sample": False}
-        if params.temperature > 0:
-            sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
-        input_ids = torch.tensor([list(ids)], dtype=torch.long)
-        with torch.inference_mode():
-            self._model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=params.max_tokens,
-                pad_token_id=self._pad_id,
-                stopping_criteria=StoppingCriteriaList([_Stop()]),
-                streamer=_Stream(),
-                **sampling,
-            )
-        return progress.finish(len(ids), params.max_tokens)
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+        """Requests with one `batch_key` in one `generate` call; `n` completions each."""
+        # Sampling draws from torch's global RNG: a seeded request must not share it with another pass.
+        lock = self._generate_lock if requests[0].params.temperature > 0 else contextlib.nullcontext()
+        with lock:
+            return generate_batch(self._model, self._tokenizer, self._tokenizer_lock, requests,
+                                  pad_id=self._pad_id, device=self.device)
 
     def warm_up(self) -> None:
         """One real forward pass so the first client does not pay for lazy initialisation."""
@@ -313,7 +287,31 @@ class ModelRunner:
         if self.task == "text-classification":
             self.classify([ids, ids])
         else:
-            self.generate(ids, GenerationParams(max_tokens=2, temperature=0.0))
+            greedy = GenerationParams(max_tokens=2, temperature=0.0)
+            self.generate([GenerationRequest(ids, greedy, GenerationControl())])
+
+
+def check_tokenizer_fits(tokenizer: Any, model: Any, metrics: ExportMetrics | None) -> None:
+    """Refuse a tokenizer that is not the model's: another one than the trainer exported (its fingerprint
+    in metrics.json), ids past the embeddings (every pass would crash), or one far smaller than the
+    vocabulary (an export without its tokenizer files falls back to a handful of special tokens, turns
+    every input into [UNK] and gets confident wrong answers)."""
+    expected = metrics.tokenizer_fingerprint if metrics is not None else ""
+    if expected and tokenizer_fingerprint(tokenizer) != expected:
+        raise ModelLoadError(
+            f"the tokenizer files are not the ones exported with this model (vocabulary fingerprint "
+            f"{tokenizer_fingerprint(tokenizer)}, metrics.json says {expected}): restore them from the export"
+        )
+    size, rows = len(tokenizer), model.get_input_embeddings().num_embeddings
+    if size > rows:
+        raise ModelLoadError(
+            f"the tokenizer has {size} tokens but the model only {rows} embeddings: they are not from one export"
+        )
+    if size < rows // 2:
+        raise ModelLoadError(
+            f"the tokenizer has only {size} tokens for a model with {rows} embeddings: the export's tokenizer "
+            "files (tokenizer.json, or vocab.txt / vocab.json + merges.txt) are missing or from another model"
+        )
 
 
 def _cast_linear_weights(model: Any, dtype: Any) -> None:
@@ -324,49 +322,3 @@ def _cast_linear_weights(model: Any, dtype: Any) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.to(dtype)
-
-
-class _Progress:
-    """Tracks generated text: stop strings, incremental streaming with hold-back, eos."""
-
-    def __init__(self, tokenizer: Any, lock: threading.Lock, stop: Sequence[str], control: GenerationControl) -> None:
-        self._tokenizer = tokenizer
-        self._lock = lock
-        self._stop = [s for s in stop if s]
-        self._control = control
-        self._ids: list[int] = []
-        self._seen_prompt = False
-        self._emitted = 0
-        self.text = ""
-        self.stopped_by_string = False
-        self.done = False
-
-    def put(self, value: Any) -> None:
-        if not self._seen_prompt:  # generate() first hands the streamer the prompt
-            self._seen_prompt = True
-            return
-        self._ids.extend(int(t) for t in value.reshape(-1).tolist())
-        with self._lock:
-            self.text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
-        cut = min((i for i in (self.text.find(s) for s in self._stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.stopped_by_string, self.done = self.text[:cut], True, True
-        if self._control.cancelled.is_set():
-            self.done = True
-        # Hold back what could still become a stop string, and half-decoded characters.
-        hold = 0 if self.done else max((len(s) - 1 for s in self._stop), default=0)
-        safe = len(self.text) - hold
-        while safe > self._emitted and self.text[safe - 1] == "\ufffd":
-            safe -= 1
-        self._emit(safe)
-
-    def _emit(self, upto: int) -> None:
-        if upto > self._emitted and self._control.on_text is not None:
-            self._control.on_text(self.text[self._emitted : upto])
-        self._emitted = max(self._emitted, upto)
-
-    def finish(self, prompt_tokens: int, max_tokens: int) -> Completion:
-        self._emit(len(self.text))
-        eos = self._tokenizer.eos_token_id
-        ended = self.stopped_by_string or (eos is not None and eos in self._ids) or len(self._ids) < max_tokens
-        return Completion(self.text, "stop" if ended else "length", prompt_tokens, len(self._ids))

@@ -1,7 +1,7 @@
 """Run the app under uvicorn: `serve(settings)` blocks (the CLI and pods), `start_in_thread` does not.
 
     from finetune.server.serving import serve, start_in_thread
-    from finetune.server.settings import ServerSettings
+    from finetune.server.settings import ServerSettings, graceful_shutdown_seconds
 
     serve(ServerSettings(model_dir=Path("out/model"), port=8080))         # blocks until SIGTERM/Ctrl-C
     with start_in_thread(ServerSettings(model_dir=Path("out/model"), port=0)) as server:
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from finetune.cli import UserError
-from finetune.server.settings import ServerSettings
+from finetune.server.settings import ServerSettings, graceful_shutdown_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -45,20 +45,37 @@ def check_settings(settings: ServerSettings) -> None:
         raise ServeError(f"auth token: {err}") from None
 
 
+def _connection_cap(wanted: int) -> int:
+    """Open connections allowed: `wanted`, kept below the file-descriptor limit (model files, the
+    feedback store, the listening socket and the log need some)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(2, min(wanted, soft - 64)) if soft != resource.RLIM_INFINITY else wanted
+
+
 def _uvicorn_server(settings: ServerSettings, *, own_process: bool) -> object:
     import uvicorn
 
     from finetune.server.app import create_app
+    from finetune.server.connections import ConnectionLimits, GuardedHttpToolsProtocol
 
+    limits = ConnectionLimits(
+        max_header_bytes=settings.max_header_bytes, header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s, max_connections=_connection_cap(settings.max_connections),
+    )
     config = uvicorn.Config(
         create_app(settings, freeze_gc=own_process),
         host=settings.host,
         port=settings.port,
         lifespan="on",
+        http=GuardedHttpToolsProtocol.with_limits(limits),
+        ws="none",
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
         access_log=False,  # the request metrics carry the same information without a line per request
         # SIGTERM: uvicorn stops accepting, waits this long for in-flight requests, then the lifespan
         # drains the batch queue and closes the feedback store.
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        timeout_graceful_shutdown=graceful_shutdown_seconds(settings.request_timeout_s),
         log_config=None,  # keep the process's logging setup (finetune.cli configures it)
     )
     return uvicorn.Server(config)

@@ -70,12 +70,33 @@ class ServerSettings(BaseSettings):
         "training.mixed_precision) and this CPU runs bf16 natively, so serving reproduces the tested "
         "numbers; fp32 otherwise.",
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the model runs: auto = the GPU when torch sees one (bf16 where the GPU has "
+        "it, unless precision is fp32), else the CPU; cuda fails the load when there is no GPU.",
+    )
+    max_header_bytes: int = Field(32_768, ge=1024, description="Largest request line + headers; beyond it: 431.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection whose request headers are not complete after this gets 408 and is closed."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A request body not complete this long after its headers: 408, connection closed."
+    )
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this.")
+    max_connections: int = Field(
+        1000, ge=2, description="Open connections; beyond it the longest-idle one is closed to make room "
+        "(never above the process's file-descriptor limit less a margin).",
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 when the queue is full.")
 
     @field_validator("model_dir", "feedback_path", "auth_token_file")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    def shutdown_seconds(self) -> float:
+        """The longest a SIGTERM'd server takes to stop: uvicorn's wait for in-flight requests, then the
+        batch-queue drain. The Deployment's terminationGracePeriodSeconds must be longer."""
+        return graceful_shutdown_seconds(self.request_timeout_s) + self.request_timeout_s
 
     def resolved_feedback_path(self) -> Path:
         return self.feedback_path or self.model_dir / "feedback.jsonl"
@@ -90,6 +111,12 @@ class ServerSettings(BaseSettings):
         if self.auth_token is not None and self.auth_token.get_secret_value().strip():
             return self.auth_token.get_secret_value().strip()
         return None
+
+
+def graceful_shutdown_seconds(request_timeout_s: float) -> int:
+    """How long uvicorn waits for in-flight requests after SIGTERM: the longest a request may take, plus
+    time to send its answer."""
+    return int(request_timeout_s) + 5
 
 
 class BearerToken:

@@ -116,7 +116,7 @@ def train_causal_lm(job: FineTuneJob, output: Path, accelerator: Any) -> ExportM
             write=(lambda tmp: export_lora(net, tokenizer, tmp, spec.export.merge_adapters)) if lora else None,
         )
         data_report = {**data.report, "tokenization": report.as_dict()}
-        metrics = metrics_document(job, version, test, data_report, state, accelerator)
+        metrics = metrics_document(job, version, test, data_report, state, accelerator, tokenizer)
         metrics.training.wall_time_seconds = round(time.time() - started, 2)
         prompt_lengths = [len(e.prompt_ids) for e in generation_examples(data.train, tokenizer, cfg.max_length)]
         finish_export(output, metrics, baseline_stats(spec.task, prompt_lengths or lengths, None))

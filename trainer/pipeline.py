@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.contracts import ExportMetrics, TrainingSummary
+from finetune.contracts import ExportMetrics, TrainingSummary, tokenizer_fingerprint
 from finetune.spec import FineTuneJob, lower_is_better
 from finetune.trainer import checkpoint as ckpt
 from finetune.trainer.batching import eval_batches
@@ -172,17 +172,18 @@ def export_classifier(
     errors.sort(key=lambda e: -e["score"])  # confident mistakes first: the most informative to review
     write_jsonl(output / "errors.jsonl", errors)
     version = save_pretrained_atomic(model, tokenizer, output)
-    return metrics_document(job, version, test, data.report, state, accelerator)
+    return metrics_document(job, version, test, data.report, state, accelerator, tokenizer)
 
 
 def metrics_document(job: FineTuneJob, version: str, test: dict[str, Any], data_report: dict[str, Any],
-                     state: ckpt.TrainState, accelerator: Any) -> ExportMetrics:
+                     state: ckpt.TrainState, accelerator: Any, tokenizer: Any) -> ExportMetrics:
     """metrics.json as both tasks write it (the export contract the server and operator read)."""
     best = next((h for h in state.history if h["step"] == state.best_step), {})
     return ExportMetrics(
         task=job.spec.task,
         name=job.metadata.name,
         model_version=version,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         headline_metric=job.spec.headline_metric,
         validation={k: v for k, v in best.items() if k not in ("step", "epoch")},
         test=test,

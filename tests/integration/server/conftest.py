@@ -40,11 +40,12 @@ def length_baseline(tokenizer: Any, texts: list[str]) -> dict[str, Any]:
     return {"edges": LENGTH_EDGES, "fractions": [c / len(lengths) for c in counts]}
 
 
-def write_export_files(path: Path, task: Task, name: str, baseline: dict[str, Any]) -> None:
+def write_export_files(path: Path, task: Task, name: str, baseline: dict[str, Any], tokenizer: Any) -> None:
     """The export contract's two files, through its typed models (what a real run writes is read by
     tests/integration/server/test_real_export.py)."""
     (path / "baseline.json").write_text(json.dumps(contracts.Baseline.model_validate(baseline).document()))
     metrics = contracts.ExportMetrics(task=task, name=name, model_version=f"{task[:4]}0123456789abcdef",
+                                      tokenizer_fingerprint=contracts.tokenizer_fingerprint(tokenizer),
                                       headline_metric="f1" if task == "text-classification" else "perplexity")
     (path / "metrics.json").write_text(json.dumps(metrics.document()))  # last: the export is complete
 
@@ -83,7 +84,7 @@ def build_classifier(path: Path, name: str = "tiny-sst2") -> Path:
     tokenizer.save_pretrained(path)
     baseline = {"task": "text-classification", "label_distribution": {"negative": 0.5, "positive": 0.5},
                 "input_length": length_baseline(tokenizer, texts)}
-    write_export_files(path, "text-classification", name, baseline)
+    write_export_files(path, "text-classification", name, baseline, tokenizer)
     return path
 
 
@@ -112,7 +113,7 @@ def build_causal(path: Path, name: str = "tiny-gpt") -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     baseline = {"task": "causal-lm", "label_distribution": {}, "input_length": length_baseline(tokenizer, texts)}
-    write_export_files(path, "causal-lm", name, baseline)
+    write_export_files(path, "causal-lm", name, baseline, tokenizer)
     return path
 
 

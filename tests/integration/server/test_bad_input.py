@@ -31,6 +31,17 @@ CASES = [
     ("feedback with an unknown label", "POST", "/v1/feedback", {"input": "a", "label": "meh"}, 422, "'meh'"),
     ("feedback with a completion", "POST", "/v1/feedback", {"input": "a", "completion": "b"}, 422, "label"),
     ("feedback input is a number", "POST", "/v1/feedback", {"input": 3, "label": "positive"}, 422, "input"),
+    # JSON can carry a lone UTF-16 surrogate; no tokenizer and no UTF-8 file can (it was a 500, or a 503).
+    ("lone surrogate in an instance", "POST", PREDICT, rb'{"instances": ["ok", "bad \ud800"]}', 422,
+     "instances.1: holds a lone UTF-16 surrogate"),
+    ("lone surrogate in an instance object", "POST", PREDICT, rb'{"instances": [{"text": "\udfff"}]}', 422,
+     "instances.0.text: holds a lone UTF-16 surrogate"),
+    ("lone surrogate in feedback", "POST", "/v1/feedback", rb'{"input": "\ud83d", "label": "positive"}', 422,
+     "input: holds a lone UTF-16 surrogate"),
+    ("NaN prediction in feedback", "POST", "/v1/feedback",
+     b'{"input": "a", "label": "positive", "prediction": NaN}', 422, "prediction: must be plain JSON"),
+    ("Infinity deep in a feedback prediction", "POST", "/v1/feedback",
+     b'{"input": "a", "label": "positive", "prediction": {"scores": [-Infinity]}}', 422, "NaN or Infinity"),
 ]
 
 

@@ -146,3 +146,123 @@ def test_an_empty_prompt_is_answered(server):
     answer = complete(server, prompt="", max_tokens=3, temperature=0)
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["completion_tokens"] >= 1
+
+
+def raw_complete(server, body: bytes) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/completions", content=body, headers={"content-type": "application/json"},
+                      timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        (rb'{"prompt": "a \ud800"}', 422, "prompt: holds a lone UTF-16 surrogate"),
+        (rb'{"prompt": ["ok", "\udfff"]}', 422, "prompt.1: holds a lone UTF-16 surrogate"),
+        (rb'{"prompt": "a", "stop": "\ud800"}', 422, "stop: holds a lone UTF-16 surrogate"),
+        (b'{"prompt": "a", "seed": 18446744073709551616}', 422, "seed"),
+        (b'{"prompt": "a", "seed": -1}', 422, "seed"),
+        (b'{"prompt": "a", "temperature": NaN}', 422, "temperature"),
+        (b'{"prompt": "a", "top_p": Infinity}', 422, "top_p"),
+        (b'{"prompt": [1, -2]}', 422, "prompt.1"),
+        (b'{"prompt": [99999]}', 422, "vocabulary size"),
+        (b'{"prompt": {"text": "a"}}', 422, "a list of token ids"),
+        (b'{"prompt": "a", "echo": true}', 400, "echo: not supported"),
+        (b'{"prompt": "a", "best_of": 3}', 400, "best_of: not supported"),
+        (b'{"prompt": "a", "logit_bias": {"5": 10}}', 400, "logit_bias: not supported"),
+        (b'{"prompt": "a", "max_token": 5}', 400, "max_token: not a field"),
+        (b'{"prompt": "a", "logprobs": 6}', 422, "logprobs"),
+        (b'{"prompt": "a", "n": 2, "stream": true}', 422, "n=1"),
+        (b'{"prompt": "a", "stream": true, "seed": -5}', 422, "seed"),  # refused before any event is sent
+    ],
+)
+def test_hostile_completion_requests_get_a_4xx_naming_the_field(server, scrape, body, status, words):
+    answer = raw_complete(server, body)
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"].startswith("application/json")
+    assert words in answer.json()["error"]["message"]
+    codes = [dict(labels)["code"] for (name, labels) in scrape(server.url) if name == "finetune_server_requests_total"]
+    assert not [c for c in codes if c.startswith("5")]
+
+
+def test_neutral_values_of_unimplemented_fields_are_served(server):
+    answer = complete(server, prompt="a", max_tokens=3, temperature=0, echo=False, best_of=1, presence_penalty=0,
+                      frequency_penalty=0.0, logit_bias={}, user="client-7")
+    assert answer.status_code == 200, answer.text
+
+
+def test_a_vanishing_temperature_is_greedy_decoding(server):
+    greedy = complete(server, prompt="the film is", max_tokens=8, temperature=0).json()["choices"][0]["text"]
+    tiny = complete(server, prompt="the film is", max_tokens=8, temperature=1e-300)
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["text"] == greedy
+
+
+def test_n_gives_n_choices_per_prompt_in_order(server, causal_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(causal_dir)
+    body = complete(server, prompt=["the film is", "a"], n=3, max_tokens=6, temperature=1.0, seed=3).json()
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    again = complete(server, prompt=["the film is", "a"], n=3, max_tokens=6, temperature=1.0, seed=3).json()
+    assert [c["text"] for c in body["choices"]] == [c["text"] for c in again["choices"]]
+    assert len({c["text"] for c in body["choices"][:3]}) > 1, "sampled choices should differ"
+    # OpenAI's usage: each prompt once, every choice's completion tokens
+    prompt_tokens = len(tokenizer("the film is")["input_ids"]) + len(tokenizer("a")["input_ids"])
+    assert body["usage"]["prompt_tokens"] == prompt_tokens
+    assert 6 <= body["usage"]["completion_tokens"] <= 36
+
+
+def test_logprobs_are_the_models_own_log_probabilities(server, causal_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    body = complete(server, prompt="the film is", max_tokens=6, temperature=0, logprobs=2).json()
+    choice = body["choices"][0]
+    logprobs = choice["logprobs"]
+    assert "".join(logprobs["tokens"]) == choice["text"]
+    assert all(len(top) <= 2 for top in logprobs["top_logprobs"])
+    tokenizer = AutoTokenizer.from_pretrained(causal_dir)
+    model = AutoModelForCausalLM.from_pretrained(causal_dir).eval()
+    prompt = tokenizer("the film is")["input_ids"]
+    generated = tokenizer(choice["text"])["input_ids"]
+    with torch.inference_mode():
+        direct = model(torch.tensor([prompt + generated])).logits[0].log_softmax(-1)
+    for step, (token, value) in enumerate(zip(generated, logprobs["token_logprobs"], strict=False)):
+        assert value == pytest.approx(float(direct[len(prompt) + step - 1, token]), abs=1e-4)
+        assert value == pytest.approx(max(logprobs["top_logprobs"][step].values()), abs=1e-4)  # greedy = top-1
+    assert logprobs["text_offset"][0] == len("the film is")
+
+
+def test_token_id_prompts_answer_like_their_text(server, causal_dir):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(causal_dir)("the film is")["input_ids"]
+    by_text = complete(server, prompt="the film is", max_tokens=6, temperature=0).json()
+    by_ids = complete(server, prompt=ids, max_tokens=6, temperature=0).json()
+    both = complete(server, prompt=[ids, ids[:2]], max_tokens=6, temperature=0).json()
+    assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"] == both["choices"][0]["text"]
+    assert by_ids["usage"]["prompt_tokens"] == len(ids)
+    assert len(both["choices"]) == 2
+
+
+async def _concurrent(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=len(bodies))) as client:
+        return await asyncio.gather(*(client.post(url, json=body) for body in bodies))
+
+
+def test_concurrent_greedy_requests_share_a_generate_call_and_keep_their_own_text(causal_dir, start_server,
+                                                                                    scrape):
+    server = start_server(causal_dir, model_workers=1, max_wait_ms=200)
+    prompts = ["the film is", "a", "an uneven but often moving portrait", "dull", "the plot is a mess and"]
+    bodies = [{"prompt": p, "max_tokens": 4 + i * 3, "temperature": 0, "stop": ["zz"]} for i, p in enumerate(prompts)]
+    alone = [complete(server, **body).json()["choices"][0] for body in bodies]
+    before = scrape(server.url)
+    together = asyncio.run(_concurrent(f"{server.url}/v1/completions", bodies * 4))
+    after = scrape(server.url)
+    for answer, expected in zip(together, alone * 4, strict=True):
+        assert answer.status_code == 200, answer.text
+        choice = answer.json()["choices"][0]
+        assert (choice["text"], choice["finish_reason"]) == (expected["text"], expected["finish_reason"])
+    passes = after[("finetune_server_batch_size_count", ())] - before[("finetune_server_batch_size_count", ())]
+    requests = after[("finetune_server_batch_size_sum", ())] - before[("finetune_server_batch_size_sum", ())]
+    assert requests == 20 and passes <= 10, f"{passes} generate calls for 20 requests"

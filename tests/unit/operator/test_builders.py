@@ -386,3 +386,19 @@ def test_the_server_pod_and_finetune_run_get_the_same_server_settings(
     keys = job.spec.serving.server_settings().keys()
     assert keys and all(getattr(in_pod, k) == getattr(local, k) for k in keys)
     assert (in_pod.max_batch_size, in_pod.max_wait_ms, in_pod.precision) == (7, 2.5, "fp32")
+
+
+def test_the_server_pod_is_given_longer_to_stop_than_the_server_promises_to_drain(
+    job_builder: Callable[..., FineTuneJob], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settings as the pod gets them (its FINETUNE_SERVE_* env): Kubernetes' default 30 s grace period
+    would SIGKILL a server that is still finishing requests."""
+    from finetune.server.settings import ServerSettings
+
+    dep = builders.build_serving_deployment(job_builder(), uid=UID, model_path="/workspace/sst2/run-1")
+    pod = dep["spec"]["template"]["spec"]
+    for variable in pod["containers"][0]["env"]:
+        if variable["name"].startswith("FINETUNE_SERVE_") and "value" in variable:
+            monkeypatch.setenv(variable["name"], variable["value"])
+    settings = ServerSettings(model_dir=Path("/workspace/sst2/run-1"))
+    assert pod["terminationGracePeriodSeconds"] > settings.shutdown_seconds() > 30
