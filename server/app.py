@@ -85,6 +85,7 @@ async def _load(state: ServerState) -> None:
             runner, metrics, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue, on_long_input=settings.on_long_input,
             workers=settings.model_workers or min(2, threads), threads=threads,
+            max_request_tokens=settings.max_request_tokens,
         )
         await batcher.on_model_thread(runner.load, threads)
         await batcher.on_model_thread(runner.warm_up)

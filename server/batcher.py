@@ -10,8 +10,9 @@ A lone client on an idle server goes straight to the model and pays no batching 
 tokenized with their batch, in one tokenizer call on the model thread.
 
 With several workers (`workers`, default 2 where 2 CPUs are usable) a second batch runs while the
-first is still in its forward pass. A lone pass gets all `threads`; under load every pass gets an even
-share (one thread each on 2 CPUs: two one-thread passes did 37% more sentences/s in bf16 than one
+first is still in its forward pass. A lone pass gets all `threads` (or one, when the thread plan found
+that faster: a busy neighbour on a core stalls multi-thread passes, `threadplan.py`); under load every
+pass gets an even share (one thread each on 2 CPUs: two one-thread passes did 37% more sentences/s in bf16 than one
 two-thread pass, which loses time in thread barriers), and every batch takes at most a fair share of the
 work in the server, so the two workers carry even loads.
 
@@ -23,6 +24,7 @@ one `generate` call the same way (`generation.py`); a seeded one runs alone.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -34,6 +36,7 @@ from typing import Any, Literal, TypeVar
 from finetune.server.generation import Completion, GenerationControl, GenerationParams, GenerationRequest
 from finetune.server.metrics import ServerMetrics
 from finetune.server.model_runner import Classification, Encoded, ModelRunner, default_torch_threads
+from finetune.server.threadplan import ThreadPlan
 
 # One answer per text: its tokenization and its classification (None: refused as too long).
 Answer = tuple[Encoded, Classification | None]
@@ -54,6 +57,15 @@ class Arrival:
             self._batcher = None
 
 
+class RequestTooLarge(Exception):
+    """A request over the per-request token budget (the route answers 413)."""
+
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(f"the request has {tokens} tokens; this server takes at most {limit} per request "
+                         "(max_request_tokens): send its texts in several requests")
+        self.tokens, self.limit = tokens, limit
+
+
 class Overloaded(Exception):
     """The queue is full (or the server is shutting down); the client should retry later."""
 
@@ -72,9 +84,19 @@ class _Item:
         """Rows in a forward pass: texts, or a generation's `n` choices."""
         return self.params.n if self.params is not None else max(len(self.texts), 1)
 
-    def joins(self, first: _Item) -> bool:
+    @property
+    def cost(self) -> int:
+        """Estimated tokens, before tokenization (about 4 characters a token in English text)."""
+        if self.params is not None:
+            return (len(self.prompt) + self.params.max_tokens) * self.params.n
+        return sum(len(text) // 4 + 2 for text in self.texts)
+
+    def joins(self, first: _Item, heavy_tokens: int) -> bool:
         """Whether this item may share `first`'s pass: classification with classification, generation
-        with generation of the same sampling settings (never a seeded one)."""
+        with generation of the same sampling settings (never a seeded one), and never a heavy request
+        with another one: a light request must not wait for a heavy one's pass."""
+        if first.cost > heavy_tokens or self.cost > heavy_tokens:
+            return False
         if first.params is None or self.params is None:
             return first.params is None and self.params is None
         key = first.params.batch_key()
@@ -85,6 +107,9 @@ class _Item:
 # about 2.3 ms (bf16) / 4.5 ms (fp32) before its first token, a token about 0.05 / 0.14 ms; 64 is a
 # compromise (the plan is not sensitive near it: 48 to 120 all gave within 5% of the best throughput).
 PASS_OVERHEAD_TOKENS = 64
+# A request estimated above this many tokens is heavy (a second or more of one CPU core on MiniLM). Heavy
+# requests run alone and never on every worker at once, so light ones always find a worker.
+HEAVY_TOKENS = 4096
 
 
 def plan_passes(lengths: list[int], max_size: int, overhead_tokens: int = PASS_OVERHEAD_TOKENS) -> list[list[int]]:
@@ -116,9 +141,14 @@ class Batcher:
     def __init__(
         self, runner: ModelRunner, metrics: ServerMetrics, *, max_batch_size: int, max_wait_ms: float,
         max_queue: int, on_long_input: Literal["truncate", "reject"] = "truncate", workers: int = 1,
-        threads: int | None = None,
+        threads: int | None = None, heavy_tokens: int = HEAVY_TOKENS, max_request_tokens: int = 1 << 62,
     ) -> None:
         self._runner = runner
+        self._max_request_tokens = max_request_tokens
+        self._heavy_tokens = heavy_tokens
+        self._deferred: collections.deque[_Item] = collections.deque()  # heavy, waiting for the heavy lane
+        self._heavy_running = 0
+        self._lane_freed = asyncio.Event()
         self._reject_long = on_long_input == "reject"
         self._metrics = metrics
         self._max_batch = max_batch_size
@@ -130,6 +160,7 @@ class Batcher:
         self._in_flight = 0  # texts in running passes
         self._closing = False
         self._threads = threads or default_torch_threads()
+        self._plan = ThreadPlan(self._threads)
         self._idle = set(range(workers))
         self._idle_changed = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
@@ -153,7 +184,15 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize() + (self._carry is not None)
+        return self._queue.qsize() + (self._carry is not None) + len(self._deferred)
+
+    def _heavy(self, item: _Item) -> bool:
+        return item.cost > self._heavy_tokens
+
+    @property
+    def _heavy_lane_free(self) -> bool:
+        """Heavy passes may occupy every worker but one (with a single worker, that one)."""
+        return self._heavy_running < max(1, len(self._executors) - 1)
 
     def arrival(self) -> Arrival:
         """Mark a request that reached the server but not yet the queue (see the module docstring)."""
@@ -222,15 +261,20 @@ class Batcher:
             worker = min(self._idle)
             self._idle.discard(worker)
             self._in_flight += sum(item.size for item in batch)
-            task = loop.create_task(self._run_pass(batch, worker, self._threads_for_pass()))
+            heavy = any(self._heavy(item) for item in batch)
+            self._heavy_running += heavy
+            # A heavy pass takes its share of the threads even when alone: a light pass may start beside it.
+            lone = not heavy and self._lone()
+            threads = self._plan.choose() if lone else max(1, self._threads // len(self._executors))
+            task = loop.create_task(self._run_pass(batch, worker, threads, heavy, lone))
             self._passes.add(task)
             task.add_done_callback(self._passes.discard)
 
-    def _threads_for_pass(self) -> int:
-        """Every thread for a lone pass (nothing else running, queued or arriving); under load an even
-        share, so that overlapping passes never ask for more threads than there are CPUs."""
-        lone = self._busy == 1 and self.depth == 0 and self._arriving == 0  # the pass being dispatched
-        return self._threads if lone else max(1, self._threads // len(self._executors))
+    def _lone(self) -> bool:
+        """Nothing else running, queued or arriving besides the pass being dispatched: it may take every
+        thread (as the thread plan says). Under load every pass gets an even share, so that overlapping
+        passes never ask for more threads than there are CPUs."""
+        return self._busy == 1 and self.depth == 0 and self._arriving == 0
 
     def _fair_share(self, taken: int) -> int:
         """Most texts the next batch may take: an even share of all the work in the server (running,
@@ -240,10 +284,18 @@ class Batcher:
         total = taken + self._queue.qsize() + self._arriving + self._in_flight
         return max(1, min(self._max_batch, -(-total // len(self._executors))))
 
-    async def _run_pass(self, batch: list[_Item], worker: int, threads: int) -> None:
+    async def _run_pass(
+        self, batch: list[_Item], worker: int, threads: int, heavy: bool = False, lone: bool = False
+    ) -> None:
+        started = time.perf_counter()
         try:
             await self._process_isolated(batch, worker, threads)
+            if lone:
+                self._plan.observe(threads, time.perf_counter() - started, sum(item.cost for item in batch))
         finally:
+            if heavy:
+                self._heavy_running -= 1
+                self._lane_freed.set()
             self._in_flight -= sum(item.size for item in batch)
             self._idle.add(worker)
             self._idle_changed.set()
@@ -264,12 +316,39 @@ class Batcher:
             if not item.future.done():
                 await self._process_isolated([item], worker, threads)
 
+    async def _first(self) -> _Item:
+        """The request the next pass starts with: the oldest one, except that a heavy request waits
+        (deferred, in order) while the heavy lane is full."""
+        while True:
+            if self._deferred and self._heavy_lane_free:
+                return self._deferred.popleft()
+            item, self._carry = self._carry, None
+            if item is None:
+                item = await self._next_or_lane_freed() if self._deferred else await self._queue.get()
+            if item is None:
+                continue
+            if self._heavy(item) and not self._heavy_lane_free:
+                self._deferred.append(item)
+                continue
+            return item
+
+    async def _next_or_lane_freed(self) -> _Item | None:
+        """The next queued request, or None as soon as a heavy pass ends."""
+        self._lane_freed.clear()
+        getter = asyncio.ensure_future(self._queue.get())
+        freed = asyncio.ensure_future(self._lane_freed.wait())
+        await asyncio.wait({getter, freed}, return_when=asyncio.FIRST_COMPLETED)
+        freed.cancel()
+        if getter.done():
+            return getter.result()
+        getter.cancel()  # a cancelled Queue.get leaves its item in the queue
+        return None
+
     async def _gather(self) -> list[_Item]:
-        first = self._carry or await self._queue.get()
-        self._carry = None
+        first = await self._first()
         batch, texts = [first], first.size
-        if first.params is not None and first.params.batch_key() is None:  # seeded: alone
-            return batch
+        if self._heavy(first) or (first.params is not None and first.params.batch_key() is None):
+            return batch  # heavy or seeded: alone
         deadline = first.enqueued + self._max_wait
         if self._queue.empty():
             # Let requests already read by the server reach the queue first. With work already queued,
@@ -289,7 +368,7 @@ class Batcher:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
                 except TimeoutError:
                     break
-            if texts + item.size > limit or not item.joins(first):
+            if texts + item.size > limit or not item.joins(first, self._heavy_tokens):
                 self._carry = item
                 break
             batch.append(item)
@@ -314,14 +393,18 @@ class Batcher:
         groups = [item.texts for item in batch]
         answers = await loop.run_in_executor(self._executors[worker], self._classify_groups, groups, threads)
         for item, answer in zip(batch, answers, strict=True):
-            if not item.future.done():
+            if item.future.done():
+                continue
+            if isinstance(answer, RequestTooLarge):
+                item.future.set_exception(answer)
+            else:
                 item.future.set_result(answer)
 
     def _generate(self, requests: list[GenerationRequest], threads: int) -> list[list[Completion]]:
         self._runner.use_threads(threads)
         return self._runner.generate(requests)
 
-    def _classify_groups(self, groups: list[list[str]], threads: int) -> list[list[Answer]]:
+    def _classify_groups(self, groups: list[list[str]], threads: int) -> list[list[Answer] | RequestTooLarge]:
         """Tokenize every text of the batch in one call, then classify in passes of at most max_batch_size."""
         self._runner.use_threads(threads)
         encoded = self._runner.encode([text for group in groups for text in group])
@@ -330,17 +413,23 @@ class Batcher:
         for texts in groups:
             per_group.append(encoded[offset : offset + len(texts)])
             offset += len(texts)
-        # A request with a text over the limit is refused whole when the policy says reject.
-        refused = [self._reject_long and any(e.truncated for e in group) for group in per_group]
+        # A request with a text over the limit is refused whole when the policy says reject, and one over
+        # the token budget always (counted as the model would see it, after truncation).
+        over = [sum(len(e.ids) for e in group) for group in per_group]
+        refused = [(self._reject_long and any(e.truncated for e in group)) or tokens > self._max_request_tokens
+                   for group, tokens in zip(per_group, over, strict=True)]
         todo = [e.ids for group, skip in zip(per_group, refused, strict=True) if not skip for e in group]
         results: list[Classification | None] = [None] * len(todo)
         for chunk in plan_passes([len(ids) for ids in todo], self._max_batch):
             for index, result in zip(chunk, self._runner.classify([todo[i] for i in chunk]), strict=True):
                 results[index] = result
-        answers: list[list[Answer]] = []
+        answers: list[list[Answer] | RequestTooLarge] = []
         taken = iter(results)
-        for group, skip in zip(per_group, refused, strict=True):
-            answers.append([(e, None if skip else next(taken)) for e in group])
+        for group, skip, tokens in zip(per_group, refused, over, strict=True):
+            if tokens > self._max_request_tokens:
+                answers.append(RequestTooLarge(tokens, self._max_request_tokens))
+            else:
+                answers.append([(e, None if skip else next(taken)) for e in group])
         return answers
 
     async def drain(self, timeout: float) -> int:

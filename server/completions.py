@@ -89,6 +89,11 @@ async def completions(
     ready = ready_parts(request)
     budget = _check(body, ready)
     encoded = await _encode_prompts(ready, body, budget)
+    tokens = sum((len(e.ids) + body.max_tokens) * body.n for e in encoded)
+    if tokens > ready.settings.max_request_tokens:
+        raise ApiError(413, "too_many_tokens",
+                       f"the request asks for {tokens} tokens ((prompt + max_tokens) x n); this server takes at "
+                       f"most {ready.settings.max_request_tokens} per request (max_request_tokens)")
     queued(request)
     params = _params(body)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),

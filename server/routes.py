@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from finetune.server.batcher import Overloaded
+from finetune.server.batcher import Overloaded, RequestTooLarge
 from finetune.server.errors import ApiError
 from finetune.server.model_runner import Encoded
 from finetune.server.schemas import FeedbackRequest, PredictRequest
@@ -68,6 +68,8 @@ async def run_model(ready: Ready, call: Awaitable[T]) -> T:
     except Overloaded as err:
         retry = str(ready.settings.retry_after_s)
         raise ApiError(503, "overloaded", f"{err}; retry later", headers={"Retry-After": retry}) from None
+    except RequestTooLarge as err:
+        raise ApiError(413, "too_many_tokens", str(err)) from None
     except TimeoutError:
         timeout = ready.settings.request_timeout_s
         raise ApiError(504, "timeout", f"no answer within {timeout:g}s; the server is busy") from None

@@ -39,6 +39,10 @@ class ServerSettings(BaseSettings):
     )
     max_queue: int = Field(256, ge=1, description="Requests waiting for the model; beyond it: 503 + Retry-After.")
     max_instances: int = Field(64, ge=1, description="Most instances (or prompts) in one request; beyond it: 413.")
+    max_request_tokens: int = Field(
+        16_384, ge=16, description="Most tokens one request may make the model process (classification: its texts "
+        "after truncation; completions: (prompt + max_tokens) x n per prompt); beyond it: 413.",
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body; beyond it: 413.")
     request_timeout_s: float = Field(30.0, gt=0, description="A request still unanswered after this gets 504.")
     max_length: int | None = Field(

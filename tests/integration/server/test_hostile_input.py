@@ -119,3 +119,20 @@ def test_a_tokenizer_from_another_model_never_becomes_ready(classifier_dir, caus
             shutil.copy(path, mixed / path.name)
     with pytest.raises(ServeError, match="did not become ready: .*tokenizer"):
         start_in_thread(ServerSettings(model_dir=mixed, port=0, feedback_path=tmp_path / "f.jsonl"))
+
+
+def test_a_request_over_the_token_budget_gets_413_and_others_are_served(classifier_dir, start_server):
+    running = start_server(classifier_dir, max_request_tokens=40)
+    url = f"{running.url}/v1/models/{running.name}:predict"
+    heavy = httpx.post(url, json={"instances": ["a fine film with a long cast list and more"] * 6})
+    assert heavy.status_code == 413, heavy.text
+    error = heavy.json()["error"]
+    assert error["type"] == "too_many_tokens" and "at most 40 per request" in error["message"]
+    assert httpx.post(url, json={"instances": ["fine"]}).status_code == 200
+
+
+def test_a_completion_over_the_token_budget_gets_413(causal_dir, start_server):
+    running = start_server(causal_dir, max_request_tokens=100)
+    answer = httpx.post(f"{running.url}/v1/completions", json={"prompt": "a", "max_tokens": 30, "n": 4})
+    assert answer.status_code == 413 and "(prompt + max_tokens) x n" in answer.json()["error"]["message"]
+    assert httpx.post(f"{running.url}/v1/completions", json={"prompt": "a", "max_tokens": 30}).status_code == 200

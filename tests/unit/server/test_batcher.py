@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from finetune.server.batcher import Batcher, Overloaded
+from finetune.server.batcher import Batcher, Overloaded, RequestTooLarge
 from finetune.server.metrics import ServerMetrics
 from finetune.server.model_runner import Classification, Encoded
 
@@ -192,14 +192,43 @@ async def test_one_bad_request_does_not_fail_the_others_in_its_batch():
     await batcher.drain(1)
 
 
-async def test_lone_requests_always_take_the_first_worker_with_every_thread():
+async def test_lone_requests_always_take_the_first_worker_with_every_thread_first():
     runner = RecordingRunner()
     batcher = make(runner, workers=2, threads=2)
     for i in range(5):
         assert labels(await batcher.classify([str(i)], timeout=5)) == [str(i)]
     # always the same thread: alternating would leave the other's OpenMP threads spinning
-    assert set(runner.torch_threads) == {("finetune-model-0_0", 2)}
+    assert {name for name, _ in runner.torch_threads} == {"finetune-model-0_0"}
+    assert runner.torch_threads[0][1] == 2  # every thread, until the thread plan has measured one
     await batcher.drain(1)
+
+
+def test_the_thread_plan_moves_to_one_thread_when_it_is_faster_and_back_when_it_is_not():
+    from finetune.server.threadplan import ThreadPlan
+
+    plan = ThreadPlan(2, explore_every=8)
+    cost = {2: 0.020, 1: 0.004}  # a neighbour on a core: two-thread passes wait at every barrier
+
+    def run(passes: int) -> list[int]:
+        chosen = []
+        for _ in range(passes):
+            threads = plan.choose()
+            plan.observe(threads, cost[threads] * 10, 10)
+            chosen.append(threads)
+        return chosen
+
+    contended = run(40)
+    assert contended[:2] == [2, 1] and contended[-16:].count(1) >= 14
+    cost.update({2: 0.001, 1: 0.002})  # the neighbour left
+    idle = run(60)
+    assert idle[-16:].count(2) >= 14
+
+
+def test_one_usable_thread_leaves_the_plan_nothing_to_choose():
+    from finetune.server.threadplan import ThreadPlan
+
+    plan = ThreadPlan(1)
+    assert {plan.choose() for _ in range(50)} == {1}
 
 
 async def test_work_arriving_together_is_shared_evenly_by_two_workers_one_thread_each():
@@ -230,4 +259,54 @@ async def test_a_second_worker_serves_while_the_first_is_busy():
     assert labels(await first) == ["1"]
     assert time.perf_counter() - started < 0.55, "the passes ran one after the other (2 x 0.3 s)"
     assert runner.torch_threads == [("finetune-model-0_0", 2), ("finetune-model-1_0", 1)]
+    await batcher.drain(1)
+
+
+class TimedRunner(RecordingRunner):
+    """Records when each pass ran and whether it was heavy (its first id above 1000)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self.spans: list[tuple[float, float, bool]] = []
+        self._lock = threading.Lock()
+
+    def classify(self, batch):
+        started = time.monotonic()
+        answers = super().classify(batch)
+        with self._lock:
+            self.spans.append((started, time.monotonic(), batch[0][0] > 1000))
+        return answers
+
+
+def overlapping(spans: list[tuple[float, float, bool]]) -> int:
+    """Most heavy passes that ran at the same time."""
+    heavy = [(s, e) for s, e, h in spans if h]
+    return max((sum(s2 < e1 and s1 < e2 for s2, e2 in heavy) for s1, e1 in heavy), default=0)
+
+
+async def test_heavy_requests_never_take_every_worker_and_light_ones_overtake_them():
+    runner = TimedRunner(delay=0.3)
+    batcher = make(runner, workers=2, max_batch_size=64, heavy_tokens=100, max_wait_ms=0.0)
+    heavy = [asyncio.ensure_future(batcher.classify([str(5000 + i) * 100] * 8, timeout=30)) for i in range(3)]
+    await asyncio.sleep(0.05)  # the heavy ones are queued first
+    light = await batcher.classify(["7"], timeout=30)
+    light_done = time.monotonic()
+    await asyncio.gather(*heavy)
+    assert labels(light) == ["7"]
+    assert overlapping(runner.spans) == 1, runner.spans
+    # The light request ran on the free worker, not after the three heavy passes queued before it.
+    last_heavy_end = max(e for _, e, h in runner.spans if h)
+    assert light_done < last_heavy_end
+    await batcher.drain(1)
+
+
+async def test_a_request_over_the_token_budget_is_refused_alone():
+    runner = RecordingRunner()
+    batcher = make(runner, max_request_tokens=3)
+    refused, fine = await asyncio.gather(
+        batcher.classify(["1", "2", "3", "4"], timeout=5), batcher.classify(["5"], timeout=5),
+        return_exceptions=True,
+    )
+    assert isinstance(refused, RequestTooLarge) and refused.tokens == 4 and "at most 3" in str(refused)
+    assert labels(fine) == ["5"]
     await batcher.drain(1)
