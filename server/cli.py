@@ -28,7 +28,9 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "--torch-threads": (int, "torch intra-op threads (default: the CPUs this process may use)"),
     "--model-workers": (int, "forward passes that may run at once, sharing the threads (default 2)"),
     "--precision": (str, "auto (default: bf16 if the model was tested in bf16 and the CPU has it), fp32, bf16"),
+    "--device": (str, "auto (default: the GPU when torch sees one), cpu, cuda"),
 }
+_CHOICES = {"--on-long-input": ("truncate", "reject"), "--device": ("auto", "cpu", "cuda")}
 
 
 def register(subparsers: Any) -> None:
@@ -39,8 +41,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; pods use 0.0.0.0)")
     parser.add_argument("--port", default=None, type=int, help="TCP port (default 8080)")
     for flag, (kind, text) in _FLAGS.items():
-        choices = ("truncate", "reject") if flag == "--on-long-input" else None
-        parser.add_argument(flag, type=kind, default=None, choices=choices, help=text)
+        parser.add_argument(flag, type=kind, default=None, choices=_CHOICES.get(flag), help=text)
     parser.set_defaults(func=_handle)
 
 
