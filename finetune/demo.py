@@ -2,7 +2,7 @@
 
     python -m finetune.demo [--output runs/sst2-sentiment] [--processes 1]
 
-Trains with `data/demo-job.yaml` (5,000 training sentences; the 872 SST-2 dev sentences are the
+Trains with `data/demo-job.yaml` (13,500 training sentences, one epoch; the 872 SST-2 dev sentences are the
 held-out test set), applies the job's quality gate, starts the real inference server on a free
 loopback port and sends it sentences the model has never seen.
 """
