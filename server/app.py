@@ -181,7 +181,7 @@ class AuthMiddleware:
             if not token_accepted(authorization.decode("latin-1"), self.state.token.current()):
                 response = error_response(
                     401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)",
-                    headers={"WWW-Authenticate": "Bearer"},
+                    headers={"WWW-Authenticate": "Bearer", "Connection": "close"},  # the body is left unread
                 )
                 await response(scope, receive, send)
                 return
@@ -217,8 +217,8 @@ class BodyLimitMiddleware:
             return
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
-        if declared is not None:
-            if declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared.strip().isdigit():  # the parser accepts "10 " too
+            if int(declared) > self.max_bytes:
                 await self._too_large(scope, receive, send)
                 return
             await self.app(scope, receive, send)
@@ -250,5 +250,7 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, "too_large", f"the request body is over {self.max_bytes} bytes")
+        # Connection: close: the unread body must not be parsed as the connection's next request.
+        response = error_response(413, "too_large", f"the request body is over {self.max_bytes} bytes",
+                                  headers={"Connection": "close"})
         await response(scope, receive, send)

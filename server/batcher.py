@@ -78,6 +78,7 @@ class _Item:
     params: GenerationParams | None = None
     control: GenerationControl | None = None
     enqueued: float = field(default_factory=time.perf_counter)
+    request_cost: int = 0  # the whole request's, when it came as several items (prompts)
 
     @property
     def size(self) -> int:
@@ -86,16 +87,23 @@ class _Item:
 
     @property
     def cost(self) -> int:
-        """Estimated tokens, before tokenization (about 4 characters a token in English text)."""
+        """Estimated tokens, before tokenization: a third of the UTF-8 bytes (English runs about 4
+        characters a token; a CJK character is 3 bytes and often a token of its own), so the estimate
+        errs high rather than letting a heavy request pass as light."""
         if self.params is not None:
             return (len(self.prompt) + self.params.max_tokens) * self.params.n
-        return sum(len(text) // 4 + 2 for text in self.texts)
+        return sum(len(text.encode("utf-8", "replace")) // 3 + 2 for text in self.texts)
+
+    @property
+    def weight(self) -> int:
+        """What decides heaviness: the whole request's cost, however many items it came as."""
+        return max(self.cost, self.request_cost)
 
     def joins(self, first: _Item, heavy_tokens: int) -> bool:
         """Whether this item may share `first`'s pass: classification with classification, generation
         with generation of the same sampling settings (never a seeded one), and never a heavy request
         with another one: a light request must not wait for a heavy one's pass."""
-        if first.cost > heavy_tokens or self.cost > heavy_tokens:
+        if first.weight > heavy_tokens or self.weight > heavy_tokens:
             return False
         if first.params is None or self.params is None:
             return first.params is None and self.params is None
@@ -187,7 +195,7 @@ class Batcher:
         return self._queue.qsize() + (self._carry is not None) + len(self._deferred)
 
     def _heavy(self, item: _Item) -> bool:
-        return item.cost > self._heavy_tokens
+        return item.weight > self._heavy_tokens
 
     @property
     def _heavy_lane_free(self) -> bool:
@@ -215,6 +223,29 @@ class Batcher:
             control.cancelled.set()  # stop generating for a client that is no longer waiting
             raise
         return result
+
+    async def generate_many(
+        self, prompts: list[list[int]], params: GenerationParams, controls: list[GenerationControl], timeout: float
+    ) -> list[list[Completion]]:
+        """Several prompts of one request, queued together or not at all (a full queue refuses the whole
+        request, never half of it), heavy or light together."""
+        items = [_Item(self._future(), prompt=p, params=params, control=c) for p, c in zip(prompts, controls,
+                                                                                            strict=True)]
+        total = sum(item.cost for item in items)
+        for item in items:
+            item.request_cost = total
+        if self._queue.maxsize - self._queue.qsize() < len(items) and not self._closing:
+            raise Overloaded(f"the request queue is full ({self._queue.maxsize} waiting)")
+        for item in items:
+            self._enqueue(item)
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(item.future for item in items)), timeout)
+        except (TimeoutError, asyncio.CancelledError):
+            for item in items:
+                item.future.cancel()
+                if item.control is not None:
+                    item.control.cancelled.set()  # stop generating for a client that is no longer waiting
+            raise
 
     def _future(self) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()

@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -101,9 +101,10 @@ async def completions(
     timeout = ready.settings.request_timeout_s
     if body.stream:
         return _stream(ready, meta, encoded[0].ids, encoded[0].truncated, params)
+    controls = [GenerationControl() for _ in encoded]
     per_prompt: list[list[Completion]] = await run_model(
-        ready,
-        asyncio.gather(*(ready.batcher.generate(e.ids, params, GenerationControl(), timeout) for e in encoded)),
+        ready, _unless_client_leaves(request, controls,
+                                     ready.batcher.generate_many([e.ids for e in encoded], params, controls, timeout)),
     )
     choices: list[dict[str, Any]] = []
     for enc, done in ((enc, done) for enc, results in zip(encoded, per_prompt, strict=True) for done in results):
@@ -117,6 +118,30 @@ async def completions(
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}
     return {**meta, "choices": choices, "usage": usage}
+
+
+async def _unless_client_leaves(
+    request: Request, controls: list[GenerationControl], call: Awaitable[list[list[Completion]]]
+) -> list[list[Completion]]:
+    """Await the generations, stopping them when the client disconnects: nobody would read the answer,
+    and the rows would hold the model for everyone else."""
+    work = asyncio.ensure_future(call)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not work.done():
+        for control in controls:
+            control.cancelled.set()
+        work.cancel()
+        raise ApiError(499, "client_closed", "the client closed the connection")
+    return work.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _observe_drift(ready: Ready, lengths: list[int]) -> None:

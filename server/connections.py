@@ -55,6 +55,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._headers_too_large = False
         self._rejected = False
+        self._reading_body = False
         self._idle_since = time.monotonic()
 
     # --- connection lifecycle ------------------------------------------------------------------------
@@ -72,16 +73,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _evict_idlest(self) -> bool:
-        idle = [c for c in self.connections if isinstance(c, GuardedHttpToolsProtocol) and c is not self and c.idle]
-        if not idle:
-            return False
-        min(idle, key=lambda c: c._idle_since).transport.close()
-        return True
+        """Close the connection idle longest; failing that, the oldest still sending its body (a slow
+        upload can be retried; a full house of them must not keep the probes out)."""
+        others = [c for c in self.connections if isinstance(c, GuardedHttpToolsProtocol) and c is not self]
+        for candidates in ([c for c in others if c.idle], [c for c in others if c._reading_body]):
+            if candidates:
+                min(candidates, key=lambda c: c._idle_since).transport.close()
+                return True
+        return False
 
     @property
     def idle(self) -> bool:
-        """Not inside a request the app is working on: still reading headers, or between requests."""
-        return self.cycle is None or self.cycle.response_complete or self._reading_headers
+        """No request of this connection is being read or answered: waiting for its first request, or
+        between requests (a pipelined request waiting for its turn counts as work)."""
+        return (self.cycle is None or self.cycle.response_complete) and not self.pipeline
 
     # --- reading ----------------------------------------------------------------------------------------
 
@@ -91,6 +96,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._reading_headers:
             self._raw_header_bytes += len(data)
         super().data_received(data)
+        if self._guard_timer is None and self.idle and not self._rejected:
+            # uvicorn's keep-alive timer stops at any byte, and bare CRLFs between requests start no
+            # request: without this a trickle of them would hold the connection forever.
+            self._arm(self.limits.header_timeout_s, "the request headers did not arrive in time")
         # Bytes of a header line the parser has not finished yet never reach a callback: count them raw.
         if not self._rejected and self._reading_headers and self._raw_header_bytes > self.limits.max_header_bytes:
             self._reject(431, f"the request headers are over {self.limits.max_header_bytes} bytes")
@@ -125,17 +134,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._reading_headers = False
-        self._disarm()
         super().on_headers_complete()
-        if self._has_body():
-            self._arm(self.limits.body_timeout_s, "the request body did not arrive in time")
-
-    def _has_body(self) -> bool:
-        headers = dict(self.headers or [])
-        length = headers.get(b"content-length", b"0")
-        return b"chunked" in headers.get(b"transfer-encoding", b"").lower() or (length.isdigit() and int(length) > 0)
+        # Armed for every request, not only those whose headers announce a body (the parser accepts
+        # forms such as "Content-Length: 10 " that a header check would miss); a request without a body
+        # completes in the same parse and disarms it at once.
+        self._reading_body = True
+        self._arm(self.limits.body_timeout_s, "the request body did not arrive in time")
 
     def on_message_complete(self) -> None:
+        self._reading_body = False
         self._disarm()
         super().on_message_complete()
 

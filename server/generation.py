@@ -71,6 +71,7 @@ class Progress:
         self._control = control
         self._eos = tokenizer.eos_token_id
         self.ids: list[int] = []
+        self.tokens_in_text: int | None = None  # set when a stop string cut the text: tokens it kept
         self._emitted = 0
         self.text = ""
         self.stopped_by_string = False
@@ -85,6 +86,7 @@ class Progress:
         cut = min((i for i in (self.text.find(s) for s in self._stop) if i >= 0), default=-1)
         if cut >= 0:
             self.text, self.stopped_by_string, self.done = self.text[:cut], True, True
+            self.tokens_in_text = len(self.ids)
         if token == self._eos or len(self.ids) >= self._max_tokens or self._control.cancelled.is_set():
             self.done = True
         # Hold back what could still become a stop string, and half-decoded characters.
@@ -194,23 +196,26 @@ def _add_logprobs(
         logprobs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
     for index, (row, completion, k) in enumerate(zip(rows, completions, top, strict=True)):
         start, generated = len(row.ids), row.progress.ids
+        kept = generated[: row.progress.tokens_in_text] if row.progress.tokens_in_text is not None else generated
         with lock:
-            pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in generated]
             prompt_text = tokenizer.decode(row.ids, skip_special_tokens=True)
+            # Offsets from prefix decodes: a character split over byte tokens decodes to U+FFFD piece by
+            # piece, so the pieces' lengths do not add up to the text's.
+            prefixes = [tokenizer.decode(kept[:i], skip_special_tokens=True) for i in range(len(kept))]
+            pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in kept]
         tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-        offset = len(prompt_text)
-        for step, (token, piece) in enumerate(zip(generated, pieces, strict=True)):
-            if offset - len(prompt_text) >= len(completion.text) and step > 0:
-                break  # past a stop string: OpenAI reports the tokens of the returned text only
+        for step, (token, piece) in enumerate(zip(kept, pieces, strict=True)):
             position = logprobs[index, start + step - 1]
             tokens.append(piece)
             token_logprobs.append(float(position[token]))
-            offsets.append(offset)
+            offsets.append(len(prompt_text) + min(len(prefixes[step]), len(completion.text)))
             if k:
                 values, alternatives = position.topk(k)
                 with lock:
                     names = [tokenizer.decode([int(a)], skip_special_tokens=True) for a in alternatives.tolist()]
-                top_logprobs.append(dict(zip(names, (float(v) for v in values.tolist()), strict=True)))
-            offset += len(piece)
+                best: dict[str, float] = {}
+                for name, value in zip(names, values.tolist(), strict=True):
+                    best.setdefault(name, float(value))  # tokens that decode alike: the likeliest one's value
+                top_logprobs.append(best)
         completion.logprobs = {"tokens": tokens, "token_logprobs": token_logprobs,
                                "top_logprobs": top_logprobs if k else None, "text_offset": offsets}

@@ -162,8 +162,8 @@ class CompletionRequest(BaseModel):
                 continue
             if key in NEUTRAL_FIELDS:
                 if not any(value == neutral and type(value) is type(neutral) for neutral in NEUTRAL_FIELDS[key]):
-                    problems.append(f"{key}: not supported by this server (send {NEUTRAL_FIELDS[key][0]!r} or leave "
-                                    "it out)")
+                    neutral = " or ".join(json.dumps(v) for v in NEUTRAL_FIELDS[key])
+                    problems.append(f"{key}: not supported by this server (send {neutral}, or leave it out)")
             else:
                 problems.append(f"{key}: not a field of /v1/completions on this server")
         return problems

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -266,3 +267,56 @@ def test_concurrent_greedy_requests_share_a_generate_call_and_keep_their_own_tex
     passes = after[("finetune_server_batch_size_count", ())] - before[("finetune_server_batch_size_count", ())]
     requests = after[("finetune_server_batch_size_sum", ())] - before[("finetune_server_batch_size_sum", ())]
     assert requests == 20 and passes <= 10, f"{passes} generate calls for 20 requests"
+
+
+@pytest.fixture
+def recorded_generations(monkeypatch):
+    """Every generate call the in-process server makes: its requests' prompt count and its completions."""
+    from finetune.server.model_runner import ModelRunner
+
+    calls: list[list[list]] = []
+    original = ModelRunner.generate
+
+    def record(self, requests):
+        out = original(self, requests)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(ModelRunner, "generate", record)
+    return calls
+
+
+def test_a_client_that_leaves_stops_its_generation(causal_dir, start_server, recorded_generations):
+    server = start_server(causal_dir, model_workers=1)
+    body = {"prompt": "the film is", "max_tokens": 200, "temperature": 0}
+    assert complete(server, **body).json()["choices"][0]["finish_reason"] == "length"  # runs 200 tokens alone
+    batcher = server._server.config.app.state.server.batcher
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 200 tokens
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.3)
+    deadline = time.monotonic() + 60
+    while (batcher._busy or len(recorded_generations) < 3) and time.monotonic() < deadline:
+        time.sleep(0.05)  # warm-up, the first request, then the abandoned one
+    abandoned = recorded_generations[-1][0][0]
+    assert abandoned.completion_tokens < 200, "the abandoned generation ran to max_tokens"
+
+
+def test_a_full_queue_refuses_a_multi_prompt_request_whole(causal_dir, start_server, recorded_generations):
+    server = start_server(causal_dir, max_queue=2, model_workers=1)
+    before = len(recorded_generations)
+    answer = complete(server, prompt=["a", "b", "c", "d"], max_tokens=3, temperature=0)
+    assert answer.status_code == 503, answer.text
+    batcher = server._server.config.app.state.server.batcher
+    # Any prompt of the refused request that got in is queued, running or done by now: none may be.
+    assert (batcher.depth, batcher._busy, len(recorded_generations)) == (0, 0, before)
+
+
+def test_logprobs_cover_every_generated_token_even_for_byte_pieces(server):
+    for seed in range(12):
+        body = complete(server, prompt="the film is", max_tokens=12, temperature=1.0, seed=seed, logprobs=3).json()
+        choice = body["choices"][0]
+        logprobs = choice["logprobs"]
+        if choice["finish_reason"] == "length":
+            assert len(logprobs["tokens"]) == 12, (seed, choice["text"])
+        assert logprobs["text_offset"] == sorted(logprobs["text_offset"])
+        for value, top in zip(logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True):
+            assert max(top.values()) >= value - 1e-6  # the alternatives hold the likeliest token

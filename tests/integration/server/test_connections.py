@@ -108,3 +108,70 @@ def test_well_behaved_keep_alive_clients_are_served(server):
         for _ in range(5):
             answer = client.post(f"{server.url}/v1/models/tiny-sst2:predict", json={"instances": ["ok"]})
             assert answer.status_code == 200
+
+
+def test_a_content_length_with_trailing_space_still_gets_the_body_timeout(server):
+    with connect(server) as sock:
+        sock.sendall(b"POST /v1/models/tiny-sst2:predict HTTP/1.1\r\nHost: x\r\ncontent-length: 100 \r\n\r\n{")
+        answer, _ = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+
+
+def test_slow_uploads_at_the_cap_leave_room_for_the_probes(server):
+    uploads = [connect(server) for _ in range(12)]  # the cap is 8
+    try:
+        for sock in uploads:
+            sock.sendall(b"POST /v1/models/tiny-sst2:predict HTTP/1.1\r\nHost: x\r\ncontent-length: 100\r\n\r\n{")
+        assert httpx.get(f"{server.url}/healthz", timeout=BOUND_S).status_code == 200
+    finally:
+        for sock in uploads:
+            sock.close()
+
+
+def test_a_trickle_of_blank_lines_does_not_hold_a_connection(server):
+    with connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(0.3)
+        data, deadline = b"", time.monotonic() + BOUND_S
+        while time.monotonic() < deadline:
+            try:
+                sock.sendall(b"\r\n")
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        else:
+            pytest.fail("the server kept a connection sending only blank lines open")
+    assert data.startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_pipelined_request_is_not_evicted_while_the_one_before_it_is_answered(classifier_dir, start_server):
+    running = start_server(classifier_dir, max_connections=2, header_timeout_s=30.0)
+    with connect(running) as sock:
+        body = b'{"instances": ["fine"]}'
+        request = (b"POST /v1/models/tiny-sst2:predict HTTP/1.1\r\nHost: x\r\ncontent-length: %d\r\n\r\n%s"
+                   % (len(body), body))
+        sock.sendall(request + request)
+        others = [connect(running) for _ in range(4)]  # over the cap: idle ones go, this one must not
+        try:
+            sock.settimeout(BOUND_S)
+            data = b""
+            while data.count(b"HTTP/1.1 200 ") < 2:
+                chunk = sock.recv(65536)
+                assert chunk, f"the pipelined connection was closed: {data[:300]!r}"
+                data += chunk
+        finally:
+            for other in others:
+                other.close()
+
+
+def test_a_413_before_the_body_is_read_closes_the_connection(server):
+    with connect(server) as sock:
+        sock.sendall(b"POST /v1/models/tiny-sst2:predict HTTP/1.1\r\nHost: x\r\ncontent-length: 2000000\r\n"
+                     b"expect: 100-continue\r\n\r\n")
+        answer, _ = read_until_closed(sock)  # closed: the unread body is never taken for a next request
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"connection: close" in answer.lower()

@@ -310,3 +310,37 @@ async def test_a_request_over_the_token_budget_is_refused_alone():
     assert isinstance(refused, RequestTooLarge) and refused.tokens == 4 and "at most 3" in str(refused)
     assert labels(fine) == ["5"]
     await batcher.drain(1)
+
+
+def test_the_cost_estimate_errs_high_for_text_with_few_characters_per_token():
+    from finetune.server.batcher import _Item
+
+    future = asyncio.Future  # never awaited: only the cost is read
+    english = _Item(future(loop=asyncio.new_event_loop()), texts=["a fine film " * 40])
+    cjk = _Item(future(loop=asyncio.new_event_loop()), texts=["好" * 480])  # about one token a character
+    assert english.cost >= len("a fine film " * 40) // 4
+    assert cjk.cost >= 480
+
+
+async def test_a_request_of_many_light_prompts_is_heavy_as_a_whole():
+    from finetune.server.generation import GenerationControl, GenerationParams
+
+    class GenRunner(RecordingRunner):
+        def __init__(self) -> None:
+            super().__init__(delay=0.2)
+            self.spans: list[tuple[float, float, int]] = []
+
+        def generate(self, requests):
+            started = time.monotonic()
+            time.sleep(self.delay)
+            self.spans.append((started, time.monotonic(), len(requests)))
+            return [[] for _ in requests]
+
+    runner = GenRunner()
+    batcher = make(runner, workers=2, heavy_tokens=100, max_wait_ms=0.0)
+    params = GenerationParams(max_tokens=40, temperature=0.0)
+    prompts = [[1] * 40 for _ in range(4)]  # 80 estimated tokens each: light alone, 320 together
+    await batcher.generate_many(prompts, params, [GenerationControl() for _ in prompts], timeout=30)
+    spans = [(s, e) for s, e, _ in runner.spans]
+    assert max(sum(s2 < e1 and s1 < e2 for s2, e2 in spans) for s1, e1 in spans) == 1, runner.spans
+    await batcher.drain(1)
