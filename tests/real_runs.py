@@ -9,7 +9,9 @@ scenario) take these termination messages and logs instead of writing their own 
 - `bad_data`: a run whose label column does not exist (exit 2, the trainer's one-line error);
 - `peer_lost`, `killed_log`: a 2-node run whose node 1 is SIGKILLed mid-training (an OOM kill of the
   pod): node 0's message (it lost its peer, exit 76) and the last log lines node 1 left, which is what
-  the kubelet reports for a container killed before it could write a message.
+  the kubelet reports for a container killed before it could write a message;
+- `progress_patch`: the first status merge patch the `good` run's trainer sent to its FineTuneJob
+  (to a stand-in API server over HTTPS, tests/status_capture.py), with the container's own env.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from typing import Any
 import yaml
 
 from finetune.contracts import EXIT_PEER_LOST, EXIT_PERMANENT, TerminationMessage, TrainerResult
-from tests.integration.pod_command import free_port, pod_command
+from tests.integration.pod_command import container_env, free_port, pod_command
 from tests.integration.synthetic import synthetic_rows, write_tsv
+from tests.status_capture import TOKEN, StatusCapture
 
 BOUND = 600.0  # seconds; the machine is shared, a bound is never a timing assertion
 KUBELET_LOG_LINES = 80  # FallbackToLogsOnError keeps the last 80 lines (at most 2048 bytes)
@@ -41,6 +44,7 @@ class Trained:
     bad_data: str
     peer_lost: str
     killed_log: str
+    progress_patch: dict[str, Any]
 
     def message(self, which: str) -> TerminationMessage:
         message = TerminationMessage.decode(getattr(self, which))
@@ -99,8 +103,8 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
-def run_nodes(folder: Path, job: Path, nodes: int, expect: int) -> list[str]:
-    procs = start_nodes(job, folder, nodes)
+def run_nodes(folder: Path, job: Path, nodes: int, expect: int, **env: str) -> list[str]:
+    procs = start_nodes(job, folder, nodes, **env)
     codes = wait_all(procs)
     logs = [(folder / f"node-{r}.log").read_text()[-3000:] for r in range(nodes)]
     assert codes == [expect] * nodes, (codes, logs)
@@ -125,11 +129,25 @@ def peer_lost_run(folder: Path, job: Path) -> tuple[str, str]:
     return (folder / "termination-0").read_text(), "\n".join(lines)[-2048:]
 
 
+def first_progress_patch(patches: list[dict[str, Any]], env: dict[str, str]) -> dict[str, Any]:
+    """The first patch, checked to be what the trainer's Role allows: a merge patch of its own job's status."""
+    assert patches, "the trainer sent no status patch"
+    first = patches[0]
+    name, namespace = env["FINETUNE_JOB_NAME"], env["FINETUNE_JOB_NAMESPACE"]
+    assert first["path"] == f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/status"
+    assert first["authorization"] == f"Bearer {TOKEN}"
+    assert first["content_type"] == "application/merge-patch+json"
+    body: dict[str, Any] = first["body"]
+    return body
+
+
 def train_all(root: Path, model: Path) -> Trained:
     data = write_tsv(root / "train.tsv", synthetic_rows(400, seed=1), ("review", "sentiment", "locale"))
     weak = {"maxSteps": 1, "learningRate": 1e-6}
-    good, good_node1 = run_nodes(root / "good", write_job(root / "good", model, data, nodes=2,
-                                                          training={"epochs": 6}), 2, 0)
+    good_job = write_job(root / "good", model, data, nodes=2, training={"epochs": 6})
+    with StatusCapture(root / "good" / "serviceaccount") as api:
+        good, good_node1 = run_nodes(root / "good", good_job, 2, 0, **container_env(good_job), **api.env)
+    progress_patch = first_progress_patch(api.patches, container_env(good_job))
     [weak_message] = run_nodes(root / "weak", write_job(root / "weak", model, data, training=weak), 1, 0)
     [weak_again] = run_nodes(root / "weak-again", write_job(root / "weak-again", model, data, training=weak), 1, 0)
     bad = write_job(root / "bad-data", model, data, dataset={
@@ -138,7 +156,7 @@ def train_all(root: Path, model: Path) -> Trained:
     long_run = write_job(root / "peer-lost", model, data, nodes=2,
                          training={"epochs": 50, "checkpointSteps": 2, "evalSteps": 1000})
     peer_lost, killed_log = peer_lost_run(root / "peer-lost", long_run)
-    trained = Trained(good, good_node1, weak_message, weak_again, bad_data, peer_lost, killed_log)
+    trained = Trained(good, good_node1, weak_message, weak_again, bad_data, peer_lost, killed_log, progress_patch)
     assert trained.result("good").metrics["f1"] > trained.result("weak").metrics["f1"] + 0.05
     assert trained.result("good").world_size == 2
     return trained

@@ -22,6 +22,12 @@ from finetune.trainer.checkpoint import TrainState
 
 log = logging.getLogger(__name__)
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+def service_account_dir() -> Path:
+    """Where the pod's ServiceAccount token and CA are mounted; FINETUNE_SERVICE_ACCOUNT_DIR moves it
+    (tests point it at a stand-in API server's files)."""
+    return Path(os.environ.get("FINETUNE_SERVICE_ACCOUNT_DIR") or SA_DIR)
 STATUS_EVERY_S = 15.0
 
 
@@ -64,12 +70,12 @@ class StatusPatcher:
         if not force and time.monotonic() - self.last < STATUS_EVERY_S:
             return
         self.last = time.monotonic()
-        token = (SA_DIR / "token").read_text().strip()
+        token = (service_account_dir() / "token").read_text().strip()
         req = urllib.request.Request(
             self.url, data=json.dumps({"status": status}).encode(), method="PATCH",
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/merge-patch+json"},
         )
-        ctx = ssl.create_default_context(cafile=str(SA_DIR / "ca.crt"))
+        ctx = ssl.create_default_context(cafile=str(service_account_dir() / "ca.crt"))
         try:
             urllib.request.urlopen(req, context=ctx, timeout=5).close()
         except OSError as err:
@@ -91,7 +97,7 @@ class Reporter:
         if port := os.environ.get("FINETUNE_METRICS_PORT"):
             self.gauges = TrainerGauges(job_name, int(port))
         name, ns = os.environ.get("FINETUNE_JOB_NAME"), os.environ.get("FINETUNE_JOB_NAMESPACE")
-        if name and ns and "KUBERNETES_SERVICE_HOST" in os.environ and (SA_DIR / "token").exists():
+        if name and ns and "KUBERNETES_SERVICE_HOST" in os.environ and (service_account_dir() / "token").exists():
             self.patcher = StatusPatcher(name, ns)
 
     def on_step(self, state: TrainState, total: int, loss: float, lr: float, per_epoch: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from finetune.operator import builders
 from finetune.spec import FineTuneJob, load_job
@@ -22,13 +23,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def container_command(job_file: Path) -> list[str]:
-    """The trainer container's `command` of the JobSet the operator builds for this job."""
+def _container(job_file: Path) -> dict[str, Any]:
+    """The trainer container of the JobSet the operator builds for this job (namespace `ml`)."""
     loaded = load_job(job_file)
     job = FineTuneJob(metadata={"name": loaded.metadata.name, "namespace": "ml"}, spec=loaded.spec)
     jobset = builders.build_trainer_jobset(job, uid="u", run=1)
     pod = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
-    return list(pod["containers"][0]["command"])
+    container: dict[str, Any] = pod["containers"][0]
+    return container
+
+
+def container_command(job_file: Path) -> list[str]:
+    """The trainer container's `command` of the JobSet the operator builds for this job."""
+    return list(_container(job_file)["command"])
+
+
+def container_env(job_file: Path) -> dict[str, str]:
+    """The container's env variables with literal values (those from the downward API or a Secret are
+    the kubelet's to fill in)."""
+    return {e["name"]: e["value"] for e in _container(job_file).get("env", []) if "value" in e}
 
 
 def pod_command(job_file: Path, output: Path, log: Path, node_rank: int = 0, port: int | None = None) -> list[str]:

@@ -34,13 +34,16 @@ async def test_happy_path_to_serving(kube, running) -> None:
     assert kube.live("configmaps", "sst2") == ["sst2-train-1"]
     assert kube.live("roles") == kube.live("rolebindings") == kube.live("serviceaccounts") == ["sst2-trainer"]
 
-    # The trainer reports progress itself (its Role allows exactly this patch), with the typed model.
-    progress = Progress(step=40, total_steps=100, epoch=0.4, loss=0.41, validation_metric=0.87, eta_seconds=120.0)
-    await kube.api.merge_patch("/apis/finetune.dev/v1alpha1/namespaces/ml/finetunejobs/sst2/status",
-                               {"status": {"progress": "40/100", "training": progress.model_dump(by_alias=True)}})
+    # The trainer reports progress itself (its Role allows exactly this patch): the patch a real run sent.
+    patch = kube.trained.progress_patch
+    Progress.model_validate(patch["status"]["training"])  # the typed contract both sides use
+    await kube.api.merge_patch("/apis/finetune.dev/v1alpha1/namespaces/ml/finetunejobs/sst2/status", patch)
     await kube.add_pod("sst2", 1, 0, "Running")
     await kube.eventually(lambda: _trainer_active(kube, "sst2", 1), what="active pod count")
-    assert (await kube.status("sst2"))["progress"] == "40/100"  # the operator never clobbers it
+    status = await kube.status("sst2")
+    assert status["progress"] == patch["status"]["progress"]  # the operator never clobbers it
+    sent = {key: value for key, value in patch["status"]["training"].items() if value is not None}
+    assert status["training"] == sent  # a merge patch's null removes a field (no validation yet)
 
     model = await kube.finish_training("sst2")
     status = await kube.wait_phase("sst2", "Deploying")
