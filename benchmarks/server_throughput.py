@@ -57,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,15 +274,21 @@ def wait_ready(server: Server, deadline: float) -> None:
         peer_infinity.check_answer(answer.content)
 
 
-def stop(server: Server) -> None:
-    if server.proc is None or server.proc.poll() is not None:
+def end_process(proc: subprocess.Popen[Any], timeout: float, politely: Callable[[], None]) -> None:
+    """Ask `proc` to end (`politely`), then kill it if it has not ended within `timeout` seconds."""
+    if proc.poll() is not None:
         return
-    server.proc.terminate()
+    politely()
     try:
-        server.proc.wait(timeout=60)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait()
+        proc.kill()
+        proc.wait()
+
+
+def stop(server: Server) -> None:
+    if server.proc is not None:
+        end_process(server.proc, 60, server.proc.terminate)
 
 
 class RawWorker:
@@ -315,14 +322,8 @@ class RawWorker:
         return self._answer()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        assert self.proc.stdin is not None
+        end_process(self.proc, 30, self.proc.stdin.close)  # a closed stdin ends the worker's loop
 
 
 class Hog:
