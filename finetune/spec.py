@@ -202,6 +202,72 @@ class Training(Model):
     early_stopping: EarlyStopping | None = Field(None, description="Stop when validation stops improving.")
     lora: Lora = Field(default_factory=Lora, description="LoRA settings.")
     packing: bool = Field(True, description="causal-lm: pack examples into padding-free batches.")
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="text-classification: balanced = weight each class's loss by n / (classes x its "
+        "rows), so a rare class counts as much as a common one.",
+    )
+    group_balance: Literal["none", "reweight", "sample"] = Field(
+        "none", description="text-classification, with evaluation.groupColumn: reweight = weight each row's "
+        "loss by n / (groups x its group's rows); sample = draw each epoch's rows group-balanced (rare groups "
+        "oversampled, same rows per epoch). The bias mitigation for a group the data under-represents.",
+    )
+
+
+class NumberRange(Model):
+    """One searched parameter: a list of values, or a range from low to high (log: sampled on a log scale)."""
+
+    values: list[float] | None = Field(None, min_length=1, description="The values to choose from.")
+    low: float | None = Field(None, description="Smallest value of the range.")
+    high: float | None = Field(None, description="Largest value of the range.")
+    log: bool = Field(False, description="Sample the range on a log scale (learning rates).")
+
+    @model_validator(mode="after")
+    def _values_or_range(self) -> NumberRange:
+        if (self.values is None) == (self.low is None and self.high is None):
+            raise ValueError("give either values: [...] or low and high")
+        if self.values is None and (self.low is None or self.high is None or self.low > self.high):
+            raise ValueError("a range needs low <= high")
+        if self.log and (self.low or 0) <= 0:
+            raise ValueError("log: true needs low > 0")
+        return self
+
+
+class SearchParameters(Model):
+    """What the search varies; each one unset keeps the value in training."""
+
+    learning_rate: NumberRange | None = Field(None, description="training.learningRate, e.g. low 1e-5, high "
+                                              "1e-3, log true.")
+    batch_size: NumberRange | None = Field(None, description="training.batchSize (whole numbers).")
+    epochs: NumberRange | None = Field(None, description="training.epochs.")
+    weight_decay: NumberRange | None = Field(None, description="training.weightDecay.")
+    warmup_ratio: NumberRange | None = Field(None, description="training.warmupRatio.")
+    lora_r: NumberRange | None = Field(None, description="training.lora.r (whole numbers; method lora).")
+    class_weights: list[Literal["none", "balanced"]] | None = Field(
+        None, min_length=1, description="training.classWeights choices.")
+    group_balance: list[Literal["none", "reweight", "sample"]] | None = Field(
+        None, min_length=1, description="training.groupBalance choices (needs evaluation.groupColumn).")
+
+
+class Search(Model):
+    """Hyperparameter search: trials are ordinary training runs with their own output folders, compared on
+    the validation split; only the best is tested, gated and served (the test set stays untouched)."""
+
+    parameters: SearchParameters = Field(..., description="The parameters to vary.")
+    trials: int = Field(8, ge=1, le=1000, description="Trials to run, pruned ones included.")
+    parallel: int = Field(1, ge=1, le=64, description="Trials that run at once.")
+    metric: str | None = Field(None, description="Validation metric to optimise; training.metricForBestModel "
+                               "or the task's headline metric when absent.")
+    algorithm: Literal["tpe", "random"] = Field(
+        "tpe", description="tpe: Optuna's model-based sampler; random: independent draws.")
+    pruner: Literal["median", "successive-halving", "none"] = Field(
+        "median", description="Stop a trial early when its validation curve is behind the others' (median) or in "
+        "the bottom share at each rung (successive-halving).")
+    startup_trials: int = Field(2, ge=0, description="Trials that finish before any is pruned (and before tpe "
+                                "models the results).")
+    seed: int = Field(0, description="Seed of the sampler: the same seed proposes the same trials.")
+    max_group_gap: float | None = Field(
+        None, ge=0, le=1, description="Only a trial whose validation f1 gap between evaluation.groupColumn groups "
+        "is at most this may win.")
 
 
 class Evaluation(Model):
@@ -322,6 +388,7 @@ class FineTuneJobSpec(Model):
     serving: Serving = Field(default_factory=Serving, description="Inference Deployment.")
     promotion: Promotion = Field(default_factory=Promotion, description="Quality gate before serving.")
     monitoring: Monitoring = Field(default_factory=Monitoring, description="Prometheus integration.")
+    search: Search | None = Field(None, description="Hyperparameter search; one training run when absent.")
     image: str | None = Field(None, description="Trainer and server image; the operator's default when absent.")
 
     @model_validator(mode="after")
@@ -347,6 +414,40 @@ class FineTuneJobSpec(Model):
                 raise ValueError(f"spec.{field}: {self.task} does not produce a metric {name!r}; "
                                  f"use one of {', '.join(known)}{hint}")
         return self
+
+    @model_validator(mode="after")
+    def _balance_needs(self) -> FineTuneJobSpec:
+        t, search = self.training, self.search
+        wants_groups = t.group_balance != "none" or bool(search and (
+            search.max_group_gap is not None or set(search.parameters.group_balance or []) - {"none"}))
+        if wants_groups and not self.evaluation.group_column:
+            raise ValueError("spec.training.groupBalance and spec.search.maxGroupGap need evaluation.groupColumn "
+                             "(the column that names each row's group)")
+        balances = t.class_weights != "none" or wants_groups
+        if balances and self.task != "text-classification":
+            raise ValueError("spec.training.classWeights and groupBalance apply to text-classification only")
+        return self
+
+    @model_validator(mode="after")
+    def _search_fits(self) -> FineTuneJobSpec:
+        search = self.search
+        if search is None:
+            return self
+        if search.metric is not None and search.metric not in self.validation_metrics:
+            raise ValueError(f"spec.search.metric: {self.task} validates on {', '.join(self.validation_metrics)}, "
+                             f"not {search.metric!r} (the search never looks at the test split)")
+        if search.parameters.lora_r is not None and self.training.method != "lora":
+            raise ValueError("spec.search.parameters.loraR needs training.method: lora")
+        if not any(v is not None for v in search.parameters.model_dump().values()):
+            raise ValueError("spec.search.parameters: name at least one parameter to vary")
+        if search.parallel > search.trials:
+            raise ValueError("spec.search.parallel cannot exceed search.trials")
+        return self
+
+    @property
+    def search_metric(self) -> str:
+        """The validation metric a search optimises."""
+        return (self.search.metric if self.search and self.search.metric else None) or self.headline_metric
 
     @property
     def validation_metrics(self) -> tuple[str, ...]:
