@@ -269,3 +269,63 @@ class Baseline(Artifact):
     @classmethod
     def in_folder(cls, folder: Path) -> Baseline | None:
         return cls.read_if_valid(folder / BASELINE_FILE)  # type: ignore[no-any-return]
+
+
+TRIAL_FILE = "trial.json"
+SEARCH_FILE = "search.json"
+
+
+class TrialProgress(Artifact):
+    """trial.json: a search trial's validation curve, written by its trainer at every validation and at the
+    end (`finetune train --trial`); the search driver reads it to prune the trial and to rank it."""
+
+    metric: str = Field(..., description="The validation metric the trial is ranked by.")
+    history: list[dict[str, float | None]] = Field(default_factory=list, description="Every validation, in order.")
+    best_step: int | None = None
+    steps: int = Field(0, ge=0, description="Optimizer steps done.")
+    total_steps: int = Field(0, ge=0)
+    finished: bool = Field(False, description="Training ended (its last checkpoint holds the end state).")
+    state: Literal["running", "complete", "pruned"] = "running"
+    pruned_at: int | None = Field(None, description="The validation (1-based) after which the trial pruned itself.")
+
+    @property
+    def curve(self) -> list[float]:
+        """The metric at each validation (the intermediate values a pruner compares)."""
+        return [float(v) for h in self.history if isinstance(v := h.get(self.metric), int | float)]
+
+    @property
+    def best(self) -> dict[str, float | None]:
+        return next((h for h in self.history if h.get("step") == self.best_step), {})
+
+
+TrialState = Literal["running", "complete", "pruned", "failed"]
+
+
+class TrialRecord(Model):
+    """One trial in search.json."""
+
+    number: int = Field(..., ge=0)
+    params: dict[str, float | int | str] = Field(..., description="Search parameters (camelCase, as in the spec).")
+    state: TrialState = "running"
+    curve: list[float] = Field(default_factory=list, description="The search metric at each validation.")
+    value: float | None = Field(None, description="The search metric at the trial's best validation.")
+    validation: dict[str, float | None] = Field(default_factory=dict, description="All metrics at that validation.")
+    group_gap: float | None = Field(None, description="Validation f1 gap between groups at that validation.")
+    pruned_at: int | None = Field(None, description="The validation (1-based) after which it was pruned.")
+    wall_seconds: float = 0.0
+    output: str = Field("", description="The trial's output folder.")
+    message: str = ""
+
+
+class SearchReport(Artifact):
+    """search.json: every trial's parameters and outcome, and which one won."""
+
+    metric: str
+    direction: Literal["maximize", "minimize"]
+    algorithm: str
+    pruner: str
+    trials_planned: int
+    trials: list[TrialRecord] = Field(default_factory=list)
+    best_trial: int | None = None
+    model_path: str | None = Field(None, description="The winner's export (tested, gated and served).")
+    test: dict[str, float] = Field(default_factory=dict, description="The winner's test metrics (only its).")

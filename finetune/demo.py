@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     output = Path(args.output)
     show(f"== training {JOB.name} -> {output}")
-    job, code, metrics = train_and_gate(str(JOB), output, args.processes)
+    job, code, metrics, output = train_and_gate(str(JOB), output, args.processes)
     if metrics is None:
         return code
     show("== test metrics on the SST-2 dev set (held out):")

@@ -23,23 +23,32 @@ log = logging.getLogger(__name__)
 EXIT_REJECTED = 3
 
 
-def train_and_gate(job_file: str, output: Path, processes: int,
-                   force: bool = False) -> tuple[FineTuneJob, int, ExportMetrics | None]:
-    """Train, then apply spec.promotion; returns the job, an exit code and the export's metrics."""
+def train_and_gate(job_file: str, output: Path, processes: int, force: bool = False,
+                   parallel: int = 0) -> tuple[FineTuneJob, int, ExportMetrics | None, Path]:
+    """Train (a search: its trials, then the winner's test), then apply spec.promotion; returns the job, an
+    exit code, the export's metrics and the export's folder."""
     from finetune.operator.gate import evaluate_gate
     from finetune.trainer.cli import run_training
 
     job = load_job(job_file)
-    code = run_training(job_file, str(output), processes, force=force)
-    if code != 0:
-        return job, code, None
+    if job.spec.search is not None:
+        from finetune.search_run import run_search
+
+        code, winner = run_search(job_file, job, output, processes, parallel, force)
+        if code != 0 or winner is None:
+            return job, code, None, output
+        output = winner
+    else:
+        code = run_training(job_file, str(output), processes, force=force)
+        if code != 0:
+            return job, code, None, output
     metrics = ExportMetrics.in_folder(output)
     decision = evaluate_gate(job.spec.promotion, metrics.headline_metric, metrics.test_numbers())
     log.info("quality gate: %s", decision.reason)
     if not decision.ok:
         sys.stderr.write(f"finetune run: rejected by the quality gate: {decision.reason}\n")
-        return job, EXIT_REJECTED, metrics
-    return job, 0, metrics
+        return job, EXIT_REJECTED, metrics, output
+    return job, 0, metrics, output
 
 
 def server_settings(job: FineTuneJob, model_dir: Path, host: str, port: int) -> Any:
@@ -53,7 +62,7 @@ def server_settings(job: FineTuneJob, model_dir: Path, host: str, port: int) -> 
 def _run(args: argparse.Namespace) -> int:
     job = load_job(args.file)
     output = Path(args.output or Path("runs") / job.metadata.name)
-    job, code, metrics = train_and_gate(args.file, output, args.processes, args.force)
+    job, code, metrics, output = train_and_gate(args.file, output, args.processes, args.force, args.parallel)
     if code != 0 or metrics is None:
         return code
     test = metrics.test_numbers()
@@ -75,6 +84,8 @@ def register(sub: Any) -> None:
     p.add_argument("-f", "--file", required=True, help="FineTuneJob YAML")
     p.add_argument("--output", help="output directory (default runs/<job name>)")
     p.add_argument("--processes", type=int, default=1, help="local training processes")
+    p.add_argument("--parallel", type=int, default=0,
+                   help="a search: trials at once on this machine (default: the spec's search.parallel)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on")
     p.add_argument("--port", type=int, default=8080, help="port to serve on")
     p.add_argument("--no-serve", action="store_true", help="stop after training and the quality gate")

@@ -47,6 +47,19 @@ def epoch_batches(
     return shard_batches(length_grouped_batches(lengths, batch_size, seed + epoch), rank, world_size)
 
 
+def sampled_epoch_batches(
+    rows: Sequence[int], lengths: Sequence[int], batch_size: int, seed: int, epoch: int, rank: int, world_size: int
+) -> list[list[int]]:
+    """epoch_batches over an epoch's drawn rows (group-balanced sampling, see balance.py), as row indices.
+
+    A row drawn twice is in two batches (or twice in one). The batch count depends only on len(rows), so
+    a draw of as many rows as the data has keeps the step count that the schedule was planned with.
+    """
+    drawn = [lengths[r] for r in rows]
+    batches = length_grouped_batches(drawn, batch_size, seed + epoch)
+    return shard_batches([[rows[i] for i in batch] for batch in batches], rank, world_size)
+
+
 def eval_batches(lengths: Sequence[int], batch_size: int, rank: int, world_size: int) -> list[list[int]]:
     """Sorted by length (no shuffling needed), every example on exactly one process."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])

@@ -28,10 +28,12 @@ from finetune.trainer.models import load_tokenizer
 from finetune.trainer.optim import build_optimizer, build_scheduler, plan_steps
 from finetune.trainer.packing import make_collator
 from finetune.trainer.pipeline import (
+    finish_trial,
     load_weights,
     metrics_document,
     resume_or_start,
     save_weights,
+    trial_file,
 )
 from finetune.trainer.report import Reporter
 
@@ -61,7 +63,7 @@ def token_loss(accelerator: Any, model: Any, features: list[Feature], collate: A
     return {"loss": loss, "perplexity": perplexity(loss)}
 
 
-def train_causal_lm(job: FineTuneJob, output: Path, accelerator: Any) -> ExportMetrics | None:
+def train_causal_lm(job: FineTuneJob, output: Path, accelerator: Any, trial: Any = None) -> ExportMetrics | None:
     """Fine-tune, evaluate and export a causal LM; returns metrics.json on the main process, else None."""
     spec, cfg = job.spec, job.spec.training
     started = time.time()
@@ -93,10 +95,13 @@ def train_causal_lm(job: FineTuneJob, output: Path, accelerator: Any) -> ExportM
         higher_is_better=not lower_is_better(metric),
         save_best=lambda m: save_weights(m, best_dir, trainable_only=lora),
     )
-    reporter = Reporter(job.metadata.name, accelerator.is_main_process, cfg.log_steps)
-    loop = TrainLoop(accelerator, model, optimizer, scheduler, task, cfg, output, reporter)
+    reporter = Reporter(job.metadata.name, accelerator.is_main_process, cfg.log_steps, trial_file(output, trial))
+    loop = TrainLoop(accelerator, model, optimizer, scheduler, task, cfg, output, reporter, trial)
     state = loop.run(resume_or_start(accelerator, output))
     reporter.close()
+    if trial is not None:
+        finish_trial(accelerator, output, state, loop.total, metric)
+        return None
 
     net = accelerator.unwrap_model(model)
     if (best_dir / "model.safetensors").exists():

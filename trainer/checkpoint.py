@@ -35,6 +35,7 @@ class TrainState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     stopped_early: bool = False
+    pruned_at: int | None = None  # a search trial that stopped itself after this validation
     samples_seen: int = 0
     tokens_seen: int = 0
     train_seconds: float = 0.0

@@ -40,11 +40,12 @@ from finetune.contracts import (
     TransientError,
     one_line,
 )
-from finetune.spec import SpecError, load_job
+from finetune.spec import FineTuneJob, SpecError, load_job
 from finetune.trainer.identity import TRAINING_HASH_ENV, Start, decide_start
 from finetune.trainer.lock import output_lock
 
 log = logging.getLogger(__name__)
+TRIAL_JOB_FILE = "job.yaml"
 STOP_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 
 
@@ -82,8 +83,10 @@ def parse_world(nodes: int, node_rank: str, processes: int, rendezvous: str | No
     return World(nodes, int(node_rank), processes, address)
 
 
-def launch_command(job_file: str, output: str, world: World) -> list[str]:
-    entry = ["-m", "finetune.trainer.entry", "--job", job_file, "--output", output]
+def launch_command(job_file: str, output: str, world: World, search_job: str | None = None) -> list[str]:
+    """The trainer processes' command; a search trial's also names the search's job (for its pruner)."""
+    trial = ["--search-job", search_job] if search_job else []
+    entry = ["-m", "finetune.trainer.entry", "--job", job_file, "--output", output, *trial]
     if world.size == 1:
         return [sys.executable, *entry]
     launcher = [sys.executable, "-m", "finetune.trainer.elastic", f"--nproc_per_node={world.processes}"]
@@ -256,24 +259,58 @@ def output_folder(output: str) -> Path:
 
 
 def run_training(job_file: str, output: str, processes: int, world: World | None = None,
-                 termination_log: str | None = None, force: bool = False) -> int:
+                 termination_log: str | None = None, force: bool = False, trial: str | None = None) -> int:
     """Validate the job here (one readable error instead of N), check what the output folder holds, then
-    start the trainer process(es). Node 0 holds the folder's lock for the whole run."""
+    start the trainer process(es). Node 0 holds the folder's lock for the whole run.
+
+    With `trial` (a search trial's parameters as JSON) the job trained is the trial's (written to
+    OUTPUT/job.yaml) and the run stops after validation: a trial's test split is never looked at."""
     world = world or World(processes=processes)
     try:
         job = load_job(job_file)
         folder = output_folder(output)
+        search_job = job_file if trial is not None else None
+        if trial is not None:
+            job, job_file = write_trial_job(job, trial, folder)
+        elif job.spec.search is not None:
+            raise SpecError("this job has a search section: `finetune run -f` runs its trials (or the operator); "
+                            "`finetune train` trains one trial at a time (--trial PARAMS)")
         with output_lock(folder) if world.node_rank == 0 else contextlib.nullcontext():
             start = decide_start(job, folder, world.size, force, record=world.node_rank == 0)
             if start.action == "done":
                 return finish(already_trained(folder, start, world), termination_log)
-            message = train_processes(job_file, output, world, start, capture=termination_log is not None)
+            message = train_processes(job_file, output, world, start, capture=termination_log is not None,
+                                      search_job=search_job)
     except SpecError as err:
         message = TerminationMessage(exit_code=EXIT_PERMANENT, permanent=True, message=one_line(str(err)),
                                      node_rank=world.node_rank)
     except TransientError as err:
         message = TerminationMessage(exit_code=EXIT_TRANSIENT, message=one_line(str(err)), node_rank=world.node_rank)
     return finish(message, termination_log)
+
+
+def write_trial_job(job: FineTuneJob, trial: str, folder: Path) -> tuple[FineTuneJob, str]:
+    """The trial's own job (parameters applied, no search section) as FOLDER/job.yaml: what its processes
+    read, and what the search's final run trains (resumes) to test the winner."""
+    import json
+
+    import yaml
+
+    from finetune.search import trial_job
+    from finetune.trainer.atomic import write_text
+
+    if job.spec.search is None:
+        raise SpecError("--trial needs a job with a search section")
+    try:
+        params = json.loads(trial)
+        if not isinstance(params, dict):
+            raise ValueError("not a JSON object")
+        job = trial_job(job, params)
+    except ValueError as err:
+        raise SpecError(f"--trial must be a JSON object of search parameters: {one_line(str(err))}") from None
+    path = folder / TRIAL_JOB_FILE
+    write_text(path, yaml.safe_dump(job.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False))
+    return job, str(path)
 
 
 def already_trained(folder: Path, start: Start, world: World) -> TerminationMessage:
@@ -287,11 +324,12 @@ def already_trained(folder: Path, start: Start, world: World) -> TerminationMess
     return TerminationMessage(exit_code=0, message=line, node_rank=world.node_rank, result=result)
 
 
-def train_processes(job_file: str, output: str, world: World, start: Start, capture: bool) -> TerminationMessage:
+def train_processes(job_file: str, output: str, world: World, start: Start, capture: bool,
+                    search_job: str | None = None) -> TerminationMessage:
     with tempfile.TemporaryDirectory(prefix="finetune-outcomes-") as outcomes:
         env = {**os.environ, "OMP_NUM_THREADS": thread_count(world.processes), "FINETUNE_OUTCOME_DIR": outcomes,
                "FINETUNE_LAUNCHER_PID": str(os.getpid()), TRAINING_HASH_ENV: start.training_hash}
-        code, tail, signum = run_child(launch_command(job_file, output, world), env, capture=capture)
+        code, tail, signum = run_child(launch_command(job_file, output, world, search_job), env, capture=capture)
         folder = Path(outcomes)
         message = decide(RankOutcome.read_all(folder), read_first_failure(folder), code, world, tail)
     if signum and message.exit_code not in (0, *STOP_EXIT_CODES):
@@ -320,7 +358,8 @@ def _train(args: argparse.Namespace) -> int:
         rank = int(args.node_rank) if str(args.node_rank).isdigit() else 0
         return finish(TerminationMessage(exit_code=EXIT_PERMANENT, permanent=True, message=one_line(str(err)),
                                          node_rank=rank), args.termination_log)
-    return run_training(args.file, args.output, args.processes, world, args.termination_log, args.force)
+    return run_training(args.file, args.output, args.processes, world, args.termination_log, args.force,
+                        args.trial)
 
 
 def register(sub: Any) -> None:
@@ -334,4 +373,7 @@ def register(sub: Any) -> None:
     p.add_argument("--termination-log", help="write the result or the error here as JSON (a pod's termination log)")
     p.add_argument("--force", action="store_true",
                    help="train from scratch even when --output holds checkpoints or a finished model")
+    p.add_argument("--trial", metavar="PARAMS",
+                   help="train one search trial: the job's search parameters as JSON, e.g. "
+                   "'{\"learningRate\": 1e-4}'; stops after validation (no test), writes trial.json")
     p.set_defaults(func=_train)

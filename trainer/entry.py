@@ -77,9 +77,16 @@ def make_accelerator(cfg: Training) -> Any:
     return accelerator
 
 
-def train(job: FineTuneJob, output: Path) -> ExportMetrics | None:
-    """Run the whole training job in this process (one rank of however many)."""
+def train(job: FineTuneJob, output: Path, search_job: FineTuneJob | None = None) -> ExportMetrics | None:
+    """Run the whole training job in this process (one rank of however many). A search trial (`search_job`:
+    the search it belongs to) prunes itself when it falls behind, and stops after training: its checkpoints
+    and trial.json stay, and nothing is tested or exported."""
     accelerator = make_accelerator(job.spec.training)
+    trial = None
+    if search_job is not None:
+        from finetune.trainer.trial import TrialPruner
+
+        trial = TrialPruner(search_job, output, accelerator)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         log.info("training %s: task %s, world size %d, device %s, precision %s", job.metadata.name,
@@ -88,12 +95,12 @@ def train(job: FineTuneJob, output: Path) -> ExportMetrics | None:
     if job.spec.task == "text-classification":
         from finetune.trainer.pipeline import train_classifier
 
-        metrics = train_classifier(job, output, accelerator)
+        metrics = train_classifier(job, output, accelerator, trial)
     else:
         from finetune.trainer.causal_pipeline import train_causal_lm
 
-        metrics = train_causal_lm(job, output, accelerator)
-    if accelerator.is_main_process and not job.spec.export.keep_checkpoints:
+        metrics = train_causal_lm(job, output, accelerator, trial)
+    if accelerator.is_main_process and not job.spec.export.keep_checkpoints and trial is None:
         remove_checkpoints(output)
     return metrics
 
@@ -209,13 +216,13 @@ def trainer_result(output: Path, metrics: ExportMetrics) -> TrainerResult:
     )
 
 
-def run(job_file: str, output: Path) -> int:
+def run(job_file: str, output: Path, search_job: str | None = None) -> int:
     """Train; report how it ended, as an exit code and as this rank's outcome."""
     from finetune.trainer.stopping import Stopped, requested
 
     rank = global_rank()
     try:
-        metrics = train(load_job(job_file), output)
+        metrics = train(load_job(job_file), output, load_job(search_job) if search_job else None)
     except Stopped as stop:
         if not requested.signum:
             # Only a rank on another node was signalled (its pod is being deleted or preempted): like a
@@ -245,7 +252,7 @@ def run(job_file: str, output: Path) -> int:
         leave_outcome(RankOutcome(rank=rank, exit_code=1, message=message))
         raise  # the traceback stays in the log
     result = trainer_result(output, metrics) if metrics else None
-    done = f"trained; exported to {output}" if result else "done"
+    done = f"trained; exported to {output}" if result else "trial trained; see trial.json" if search_job else "done"
     leave_outcome(RankOutcome(rank=rank, exit_code=0, message=done, result=result))
     if metrics:
         log.info("test metrics: %s", json.dumps(metrics.test_numbers()))
@@ -256,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="finetune trainer (one process of a training run)")
     parser.add_argument("--job", required=True, help="FineTuneJob YAML")
     parser.add_argument("--output", required=True, help="output directory (checkpoints and export)")
+    parser.add_argument("--search-job", help="a search trial: the search's job (train and validate only)")
     args = parser.parse_args(argv)
     from finetune.trainer.stopping import requested
 
@@ -263,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries()
-    return run(args.job, Path(args.output))
+    return run(args.job, Path(args.output), args.search_job)
 
 
 if __name__ == "__main__":

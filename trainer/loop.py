@@ -18,13 +18,16 @@ from typing import Any
 import torch
 
 from finetune.spec import Training
-from finetune.trainer.batching import epoch_batches
+from finetune.trainer.balance import weighted_cross_entropy
+from finetune.trainer.batching import epoch_batches, sampled_epoch_batches
 from finetune.trainer.checkpoint import TrainState, save_checkpoint
 from finetune.trainer.stopping import Stopped, requested
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
+# A batch key the model never sees: each row's loss weight (bias mitigation, see balance.py).
+LOSS_WEIGHTS = "loss_weights"
 
 
 @dataclass
@@ -37,6 +40,8 @@ class LoopTask:
     metric: str  # the validation metric that picks the best model and drives early stopping
     higher_is_better: bool
     save_best: Callable[[Any], None]  # unwrapped model -> persisted as the best so far
+    # epoch -> the rows it trains on, when they are drawn (group-balanced sampling) rather than all of them
+    epoch_rows: Callable[[int], list[int]] | None = None
 
 
 def steps_per_epoch(n_batches: int, accumulation: int) -> int:
@@ -65,8 +70,10 @@ class TrainLoop:
         cfg: Training,
         output: Path,
         reporter: Any,
+        prune: Callable[[list[dict[str, Any]]], bool] | None = None,
     ) -> None:
         self.acc, self.model, self.opt, self.sched = accelerator, model, optimizer, scheduler
+        self.prune = prune  # a search trial's pruner (finetune.trainer.trial): True stops the run
         self.task, self.cfg, self.output, self.reporter = task, cfg, output, reporter
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         n_batches = len(self._batches(0))
@@ -75,6 +82,9 @@ class TrainLoop:
         self.eval_every = cfg.eval_steps or self.per_epoch
 
     def _batches(self, epoch: int) -> list[list[int]]:
+        if self.task.epoch_rows is not None:
+            return sampled_epoch_batches(self.task.epoch_rows(epoch), self.task.lengths, self.cfg.batch_size,
+                                         self.cfg.seed, epoch, self.rank, self.world)
         return epoch_batches(self.task.lengths, self.cfg.batch_size, self.cfg.seed, epoch, self.rank, self.world)
 
     def run(self, state: TrainState) -> TrainState:
@@ -128,8 +138,13 @@ class TrainLoop:
             last = i == len(group) - 1
             # Skip the gradient all-reduce on all but the last micro-batch of the step.
             ctx = self.acc.no_sync(self.model) if not last and self.world > 1 else nullcontext()
+            weights = batch.pop(LOSS_WEIGHTS, None)
             with ctx, self.acc.autocast():
-                loss = self.model(**batch).loss / len(group)
+                if weights is None:
+                    loss = self.model(**batch).loss / len(group)
+                else:
+                    labels = batch.pop("labels")  # so the model does not compute an unweighted loss too
+                    loss = weighted_cross_entropy(self.model(**batch).logits, labels, weights) / len(group)
             self.acc.backward(loss)
             total_loss += float(loss.detach())
             samples += len(indices)
@@ -160,4 +175,7 @@ class TrainLoop:
                 log.info("early stopping at step %d: %s did not improve for %d evaluations",
                          state.global_step, self.task.metric, es.patience)
                 state.stopped_early = True
+        if self.prune is not None and not state.stopped_early and state.global_step < self.total \
+                and self.prune(state.history):
+            state.stopped_early, state.pruned_at = True, len(state.history)
         self.reporter.on_eval(state, metrics, self.task.metric)

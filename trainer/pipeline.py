@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.contracts import ExportMetrics, TrainingSummary, tokenizer_fingerprint
+from finetune.contracts import TRIAL_FILE, ExportMetrics, TrainingSummary, tokenizer_fingerprint
 from finetune.spec import FineTuneJob, lower_is_better
 from finetune.trainer import checkpoint as ckpt
+from finetune.trainer.balance import balance_report, group_balanced_rows, row_weights
 from finetune.trainer.batching import eval_batches
 from finetune.trainer.classification import (
     classification_metrics,
@@ -25,10 +26,10 @@ from finetune.trainer.classification import (
 from finetune.trainer.data import prepare_data
 from finetune.trainer.export import baseline_stats, finish_export, save_pretrained_atomic, write_jsonl
 from finetune.trainer.identity import TRAINING_HASH_ENV
-from finetune.trainer.loop import LoopTask, TrainLoop
+from finetune.trainer.loop import LOSS_WEIGHTS, LoopTask, TrainLoop
 from finetune.trainer.models import load_classifier, load_tokenizer
 from finetune.trainer.optim import build_optimizer, build_scheduler, plan_steps
-from finetune.trainer.report import Reporter
+from finetune.trainer.report import Reporter, write_trial_progress
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 64
@@ -56,8 +57,9 @@ def predict_scores(accelerator: Any, model: Any, ids: list[list[int]], pad_id: i
     return np.asarray([r[1] for r in ordered], dtype=np.float32).reshape(len(ids), -1)
 
 
-def train_classifier(job: FineTuneJob, output: Path, accelerator: Any) -> ExportMetrics | None:
-    """Fine-tune, evaluate and export; returns metrics.json on the main process, None on the others."""
+def train_classifier(job: FineTuneJob, output: Path, accelerator: Any, trial: Any = None) -> ExportMetrics | None:
+    """Fine-tune, evaluate and export; returns metrics.json on the main process, None on the others.
+    A search trial (`trial`: its TrialPruner) ends after training (`finish_trial`)."""
     spec, cfg = job.spec, job.spec.training
     started = time.time()
     data = prepare_data(spec)
@@ -71,6 +73,11 @@ def train_classifier(job: FineTuneJob, output: Path, accelerator: Any) -> Export
     test_ids = encode_texts(data.test["text"].tolist(), tokenizer, cfg.max_length)
     train_labels = data.train["label"].tolist()
     val_labels = data.validation["label"].tolist()
+    grouped = bool(spec.evaluation.group_column)
+    train_groups: list[str] | None = data.train["group"].tolist() if grouped else None
+    val_groups: list[str] | None = data.validation["group"].tolist() if grouped else None
+    weights = row_weights(train_labels, train_groups, cfg)
+    data.report["balance"] = balance_report(train_labels, train_groups, cfg, names)
 
     model = load_classifier(spec.model, names)
     lengths = [len(x) for x in train_ids]
@@ -82,22 +89,40 @@ def train_classifier(job: FineTuneJob, output: Path, accelerator: Any) -> Export
 
     def validate(m: Any) -> dict[str, float]:
         scores = predict_scores(accelerator, m, val_ids, pad_id)
-        full = classification_metrics(val_labels, scores.argmax(-1).tolist(), names)
-        return {k: full[k] for k in ("accuracy", "f1", "precision", "recall")}
+        predicted = scores.argmax(-1).tolist()
+        full = classification_metrics(val_labels, predicted, names)
+        metrics = {k: full[k] for k in ("accuracy", "f1", "precision", "recall")}
+        if val_groups is not None:  # what a search constrains (search.maxGroupGap), on the validation split
+            metrics["group_gap"] = group_metrics(val_labels, predicted, val_groups, names)[1]["f1"]
+        return metrics
+
+    def make_batch(idx: list[int]) -> dict[str, torch.Tensor]:
+        batch = collate([train_ids[i] for i in idx], pad_id, [train_labels[i] for i in idx])
+        if weights is not None:
+            batch[LOSS_WEIGHTS] = torch.tensor([weights[i] for i in idx], dtype=torch.float32)
+        return batch
+
+    def epoch_rows(epoch: int) -> list[int]:
+        assert train_groups is not None
+        return group_balanced_rows(train_groups, cfg.seed, epoch)
 
     task = LoopTask(
         lengths=lengths,
-        make_batch=lambda idx: collate([train_ids[i] for i in idx], pad_id, [train_labels[i] for i in idx]),
+        make_batch=make_batch,
         validate=validate,
         metric=spec.headline_metric,
         higher_is_better=not lower_is_better(spec.headline_metric),
         save_best=lambda m: save_weights(m, best_dir),
+        epoch_rows=epoch_rows if cfg.group_balance == "sample" else None,
     )
-    reporter = Reporter(job.metadata.name, accelerator.is_main_process, cfg.log_steps)
-    loop = TrainLoop(accelerator, model, optimizer, scheduler, task, cfg, output, reporter)
+    reporter = Reporter(job.metadata.name, accelerator.is_main_process, cfg.log_steps, trial_file(output, trial))
+    loop = TrainLoop(accelerator, model, optimizer, scheduler, task, cfg, output, reporter, trial)
     state = resume_or_start(accelerator, output)
     state = loop.run(state)
     reporter.close()
+    if trial is not None:
+        finish_trial(accelerator, output, state, loop.total, spec.headline_metric)
+        return None
 
     net = accelerator.unwrap_model(model)
     if (best_dir / "model.safetensors").exists():
@@ -111,6 +136,23 @@ def train_classifier(job: FineTuneJob, output: Path, accelerator: Any) -> Export
         reporter.finished()
     accelerator.wait_for_everyone()
     return metrics
+
+
+def trial_file(output: Path, trial: object) -> Path | None:
+    """trial.json for a search trial (`trial`: its pruner), else nothing."""
+    return output / TRIAL_FILE if trial is not None else None
+
+
+def finish_trial(accelerator: Any, output: Path, state: ckpt.TrainState, total: int, metric: str) -> None:
+    """A search trial's end: its end state as a checkpoint (if the last one is older), so the search's final
+    run of the winner resumes there and only tests and exports; then trial.json, finished."""
+    latest = ckpt.latest_checkpoint(output)
+    progress = ckpt.read_progress(latest) if latest is not None else None
+    if progress is None or progress.get("global_step") != state.global_step:
+        ckpt.save_checkpoint(accelerator, output, state, keep=1)
+    if accelerator.is_main_process:
+        write_trial_progress(output / TRIAL_FILE, metric, state, total, finished=True)
+    accelerator.wait_for_everyone()
 
 
 def resume_or_start(accelerator: Any, output: Path) -> ckpt.TrainState:

@@ -82,9 +82,22 @@ class StatusPatcher:
             log.warning("could not report progress to the FineTuneJob status: %s", err)
 
 
+def write_trial_progress(path: Path, metric: str, state: TrainState, total: int, finished: bool) -> None:
+    """trial.json, atomically: what the search driver (and the sibling trials' pruners) read."""
+    from finetune.contracts import TrialProgress
+    from finetune.trainer.atomic import write_json
+
+    outcome = ("pruned" if state.pruned_at else "complete") if finished else "running"
+    progress = TrialProgress(metric=metric, history=state.history, best_step=state.best_step,
+                             steps=state.global_step, total_steps=total, finished=finished, state=outcome,
+                             pruned_at=state.pruned_at)
+    write_json(path, progress.document())
+
+
 class Reporter:
-    def __init__(self, job_name: str, is_main: bool, log_steps: int) -> None:
-        self.is_main, self.log_steps = is_main, log_steps
+    def __init__(self, job_name: str, is_main: bool, log_steps: int, trial_file: Path | None = None) -> None:
+        self.is_main, self.log_steps, self.trial_file = is_main, log_steps, trial_file
+        self.total = 0
         self.started = time.monotonic()
         self.bar: Any = None
         self.tty = sys.stderr.isatty()
@@ -103,6 +116,7 @@ class Reporter:
     def on_step(self, state: TrainState, total: int, loss: float, lr: float, per_epoch: int) -> None:
         if not self.is_main:
             return
+        self.total = total
         self.window.append(loss)
         rate = state.samples_seen / state.train_seconds if state.train_seconds else 0.0
         tok_rate = state.tokens_seen / state.train_seconds if state.train_seconds else 0.0
@@ -133,6 +147,8 @@ class Reporter:
         if not self.is_main:
             return
         self.last_val = metrics.get(metric)
+        if self.trial_file is not None:
+            write_trial_progress(self.trial_file, metric, state, self.total, finished=False)
         record = {"step": state.global_step, "validation": metrics}
         if self.tty:
             self._bar(0).write(f"step {state.global_step}: validation {json.dumps(metrics)}")

@@ -14,7 +14,8 @@ from finetune.spec import parse_job
 from tests.unit.operator.jobset_schema import validate_jobset
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "manifests" / "examples"
-NAMES = ["sentiment-classification.yaml", "causal-lm-lora-multinode.yaml", "kueue-queued.yaml"]
+NAMES = ["sentiment-classification.yaml", "causal-lm-lora-multinode.yaml", "kueue-queued.yaml",
+         "bias-mitigation.yaml"]
 
 
 @pytest.mark.parametrize("name", NAMES)
